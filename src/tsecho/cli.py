@@ -1,0 +1,139 @@
+"""The ``tsechod`` command: parse arguments, start up in order, pick the exit code.
+
+Startup order, so that every error reaches a terminal or the journal:
+load and validate config -> configure logging -> check the pidfile -> bind the
+listeners -> detach (only with --daemon) -> write the pidfile -> serve.
+This is the only module that chooses exit codes: 0 clean stop, 1 runtime
+failure, 2 usage error (argparse's own), 78 config error (EX_CONFIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import resource
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Final
+
+from . import __version__, systemd
+from .config import Config, ConfigError, find_config_path, format_config, load_config, load_config_with_sources
+from .logsetup import configure_logging, log_fds
+from .server import ListenError, ServerState, open_servers
+from .service import Service
+
+logger = logging.getLogger("tsecho.cli")
+
+EXIT_OK: Final = 0
+EXIT_FAILURE: Final = 1
+EXIT_CONFIG: Final = 78
+
+# Flags that override a config key: flag name -> Config field.
+OVERRIDE_FLAGS: Final = {
+    "--listen": "listen",
+    "--log-level": "log_level",
+    "--log-target": "log_target",
+    "--log-file": "log_file",
+    "--log-format": "log_format",
+    "--timestamp": "timestamp",
+    "--idle-timeout-s": "idle_timeout_s",
+    "--workers": "workers",
+    "--pid-file": "pid_file",
+    "--user": "user",
+    "--group": "group",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tsechod",
+        description="Timestamp echo daemon: answers every line with the line behind a timestamp.",
+        epilog="Settings: flag > TSECHOD_<KEY> environment > config file > default. See tsechod(8).",
+    )
+    parser.add_argument(
+        "command", nargs="?", choices=("run", "check-config"), default="run",
+        help="run the daemon (default), or print the effective config with each value's source",
+    )
+    parser.add_argument("--config", metavar="PATH",
+                        help="config file (default: $TSECHOD_CONFIG, else /etc/tsechod/tsechod.toml if it exists)")
+    parser.add_argument("--daemon", action="store_true",
+                        help="detach into the background (classic daemon; not under systemd)")
+    parser.add_argument("--version", action="version", version=f"tsechod {__version__}")
+    group = parser.add_argument_group("config overrides")
+    for flag, field in OVERRIDE_FLAGS.items():
+        if field == "listen":
+            group.add_argument(flag, dest=field, action="append", metavar="HOST:PORT",
+                               help="address to listen on; repeat for several ([::1]:8009 for IPv6)")
+        else:
+            group.add_argument(flag, dest=field, metavar=field.split("_")[-1].upper() if field.endswith("_s") else "VALUE",
+                               help=f"overrides the config key {field}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    environ = os.environ
+    overrides = {field: value for field in OVERRIDE_FLAGS.values() if (value := getattr(args, field)) is not None}
+    try:
+        if args.command == "check-config":
+            return check_config(args.config, environ, overrides)
+        return run(args.config, environ, overrides, daemon=args.daemon)
+    except ConfigError as err:
+        if environ.get("TSECHOD_DEBUG") == "1":
+            raise
+        print(f"tsechod: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (ListenError, OSError) as err:
+        if environ.get("TSECHOD_DEBUG") == "1":
+            raise
+        print(f"tsechod: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def check_config(explicit: str | None, environ: Mapping[str, str], overrides: Mapping[str, object]) -> int:
+    path = find_config_path(explicit, environ)
+    config, sources = load_config_with_sources(path, environ, overrides)  # type: ignore[arg-type]
+    print(f"# tsechod {__version__}: effective config" + (f" (file {path})" if path else " (no config file)"))
+    print(format_config(config, sources), end="")
+    return EXIT_OK
+
+
+def run(explicit: str | None, environ: Mapping[str, str], overrides: Mapping[str, object], daemon: bool) -> int:
+    path = find_config_path(explicit, environ)
+
+    def load() -> Config:
+        return load_config(path, environ, overrides)  # type: ignore[arg-type]
+
+    config = load()
+    try:
+        configure_logging(config, environ)
+    except OSError as err:
+        raise OSError(f"cannot open log file {config.log_file}: {err.strerror or err}") from err
+    raise_fd_limit()
+    with contextlib.ExitStack() as stack:
+        state = ServerState(config)
+        stack.callback(state.close)
+        inherited = systemd.listen_fds(os.environ)
+        servers = open_servers(config, state, inherited)
+        for server in servers:
+            stack.callback(server.server_close)
+            how = " (socket activation)" if inherited else ""
+            logger.info("listening on %s%s", server.address, how)
+        service = Service(servers, state, load, watchdog_s=systemd.watchdog_interval_s(environ))
+        return service.run_until_stopped()
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard one: each connection costs a descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as err:
+            logger.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, err)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

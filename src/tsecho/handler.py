@@ -1,0 +1,240 @@
+"""One connection's life: read, decode, answer, close, and log one access event.
+
+The socket is non-blocking and every wait is a ``poll()`` on two things: the
+peer's socket and the server's stop pipe. That lets a stop reach a thread
+blocked waiting for an idle peer at once, without a polling interval and
+without closing the socket under it. Protocol rules live in protocol.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import select
+import socket
+import socketserver
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+from .protocol import LineDecoder, LineTooLong, TelnetFilter, count_lines, err_line_too_long, format_replies
+
+if TYPE_CHECKING:
+    from .server import EchoServer
+
+logger = logging.getLogger(__name__)
+
+RECV_BYTES: Final = 65536
+# A stop answers what is already queued, but a peer that keeps sending can't
+# hold the drain open: read at most this much once the stop has begun.
+DRAIN_BYTES: Final = 1 << 20
+
+_POLLIN: Final = select.POLLIN | select.POLLPRI
+_POLLOUT: Final = select.POLLOUT
+_POLLERR: Final = select.POLLERR | select.POLLHUP | select.POLLNVAL
+
+
+class _Closed(Exception):
+    """End of the connection, with the access log's reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def peer_name(address: tuple[Any, ...]) -> str:
+    """'127.0.0.1:51544' or '[::1]:51544', without any name lookup."""
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _escape(data: bytes) -> str:
+    """Client bytes made safe for a log line: no control characters, no forged lines."""
+    return repr(data)[2:-1]
+
+
+class EchoHandler(socketserver.BaseRequestHandler):
+    """Answer each line of one connection with the timestamped line."""
+
+    server: EchoServer
+    request: socket.socket
+
+    def setup(self) -> None:
+        self.started = time.monotonic()
+        self.peer = peer_name(self.client_address)
+        self.lines = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.server.state.attach(self.request, self)
+        # Non-blocking: we poll ourselves, so the stop pipe can wake us (see module doc).
+        self.request.setblocking(False)
+        self._read_poll = select.poll()
+        self._read_poll.register(self.request, _POLLIN)
+        self._read_poll.register(self.server.state.stop_fd, select.POLLIN)
+        self._write_poll = select.poll()
+        self._write_poll.register(self.request, _POLLOUT)
+        self._write_poll.register(self.server.state.stop_fd, select.POLLIN)
+
+    def handle(self) -> None:
+        state = self.server.state
+        reason = "error"
+        try:
+            self._serve()
+        except _Closed as closed:
+            reason = closed.reason
+        except (ConnectionResetError, BrokenPipeError):
+            reason = "reset"
+        except OSError as err:
+            if err.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ECONNABORTED):
+                raise  # a bug or a resource problem: EchoServer.handle_error logs it
+            reason = "reset"
+        finally:
+            self._log_access(reason)
+
+    def _serve(self) -> None:
+        state = self.server.state
+        config = state.config
+        decoder = LineDecoder(config.max_line_bytes)
+        telnet = TelnetFilter() if config.telnet else None
+        sock = self.request
+        last_read = time.monotonic()
+        line_started = 0.0  # when the first byte of the unfinished line arrived
+        while True:
+            config = state.config  # a reload applies from the next read
+            decoder.max_line_bytes = config.max_line_bytes
+            now = time.monotonic()
+            idle_left = last_read + config.idle_timeout_s - now
+            if decoder.pending:
+                slow_left = line_started + config.line_timeout_s - now
+                wait, why = (idle_left, "idle") if idle_left < slow_left else (slow_left, "slow")
+            else:
+                wait, why = idle_left, "idle"
+            if wait <= 0:
+                raise _Closed(why)
+            events = self._read_poll.poll(wait * 1000 + 1)
+            if not events:
+                continue  # loop to re-check the deadlines
+            if state.stopping:
+                self._finish_for_stop(decoder, telnet)
+            try:
+                data = sock.recv(RECV_BYTES)
+            except BlockingIOError:
+                continue
+            if not data:
+                if telnet is None or not telnet.interrupted:
+                    self._answer(decoder.finish())
+                raise _Closed("eof")
+            self.bytes_in += len(data)
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("%s sent %d bytes: %s", self.peer, len(data), _escape(data))
+            last_read = time.monotonic()
+            had_pending = decoder.pending
+            if telnet is not None:
+                data = telnet.feed(data)
+            self._feed(decoder, data)
+            if telnet is not None and telnet.interrupted:
+                raise _Closed("interrupt")
+            if decoder.pending and (not had_pending or data.rfind(b"\n") >= 0):
+                line_started = last_read
+
+    def _feed(self, decoder: LineDecoder, data: bytes) -> None:
+        """Answer every line *data* completes, in one send."""
+        try:
+            block = decoder.feed(data)
+        except LineTooLong as err:
+            self._answer(err.lines_before, tail=err_line_too_long(err.max_line_bytes))
+            logger.warning("%s closed: line too long (max %d bytes)", self.peer, err.max_line_bytes)
+            raise _Closed("too-long") from None
+        self._answer(block)
+
+    def _answer(self, block: bytes, tail: bytes = b"") -> None:
+        if block:
+            state = self.server.state
+            self.lines += count_lines(block)
+            self._send(format_replies(block, state.stamper(state.clock())) + tail)
+        elif tail:
+            self._send(tail)
+
+    def _send(self, data: bytes) -> None:
+        """Write all of *data*, waiting at most send_timeout_s for a peer that doesn't read."""
+        sock = self.request
+        view = memoryview(data)
+        deadline = 0.0
+        while view:
+            try:
+                sent = sock.send(view)
+            except BlockingIOError:
+                sent = 0
+            self.bytes_out += sent
+            view = view[sent:]
+            if not view:
+                return
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + self.server.state.config.send_timeout_s
+                if self.server.state.stopping:
+                    deadline = min(deadline, self.server.state.stop_deadline)
+            if now >= deadline:
+                raise _Closed("stalled")
+            for fd, event in self._write_poll.poll((deadline - now) * 1000 + 1):
+                if fd == self.server.state.stop_fd:
+                    # Still finish this reply, but within the stop's deadline.
+                    self._write_poll.unregister(fd)
+                    deadline = min(deadline, self.server.state.stop_deadline)
+                elif event & _POLLERR and not event & _POLLOUT:
+                    raise _Closed("reset")
+
+    def _finish_for_stop(self, decoder: LineDecoder, telnet: TelnetFilter | None) -> None:
+        """A stop began: answer the lines already here, send FIN, let the peer leave.
+
+        The peer is waited for (discarding what it still sends) so that close()
+        finds nothing unread; closing with unread input would send a reset.
+        """
+        sock = self.request
+        drained = 0
+        while drained < DRAIN_BYTES:
+            try:
+                data = sock.recv(RECV_BYTES)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            drained += len(data)
+            self.bytes_in += len(data)
+            if telnet is not None:
+                data = telnet.feed(data)
+            self._feed(decoder, data)
+            if telnet is not None and telnet.interrupted:
+                break
+        sock.shutdown(socket.SHUT_WR)
+        self._read_poll.unregister(self.server.state.stop_fd)
+        deadline = self.server.state.stop_deadline
+        while (left := deadline - time.monotonic()) > 0:
+            if not self._read_poll.poll(left * 1000 + 1):
+                continue
+            try:
+                if not sock.recv(RECV_BYTES):
+                    break
+            except BlockingIOError:
+                continue
+        raise _Closed("shutdown")
+
+    def _log_access(self, reason: str) -> None:
+        duration = time.monotonic() - self.started
+        logger.info(
+            "%s closed reason=%s duration_s=%.3f lines=%d bytes_in=%d bytes_out=%d",
+            self.peer,
+            reason,
+            duration,
+            self.lines,
+            self.bytes_in,
+            self.bytes_out,
+            extra={
+                "event": "access",
+                "peer": self.peer,
+                "reason": reason,
+                "duration_s": round(duration, 6),
+                "lines": self.lines,
+                "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out,
+            },
+        )
