@@ -1,0 +1,830 @@
+"""Configuration: the Config dataclass, the registry of keys, and loading it.
+
+Owns every setting's name, default, validation and help text (``KEYS``), and
+the precedence rule: built-in defaults < TOML file < ``TSECHOD_*`` environment
+< command-line flags.  ``load_config()`` returns a ``Config`` or raises
+``ConfigError``; it never logs, never exits and never reads ``os.environ``
+itself (the caller passes the environment in).  No sockets here; binding is
+server.py's job.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import shlex
+import time
+import tomllib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from pathlib import Path
+from typing import Any, Final, NamedTuple, cast
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "ENV_PREFIX",
+    "KEYS",
+    "KEYS_BY_NAME",
+    "RESERVED_ENV",
+    "SECTIONS",
+    "Config",
+    "ConfigError",
+    "Key",
+    "ListenAddress",
+    "find_config_path",
+    "format_config",
+    "load_config",
+    "load_config_with_sources",
+    "parse_listen",
+]
+
+DEFAULT_CONFIG_PATH: Final = Path("/etc/tsechod/tsechod.toml")
+ENV_PREFIX: Final = "TSECHOD_"
+# TSECHOD_* variables that are not config keys: read by cli.py, skipped here.
+RESERVED_ENV: Final = frozenset({"TSECHOD_CONFIG", "TSECHOD_DEBUG"})
+SECTIONS: Final = ("server", "echo", "log", "limits", "daemon")
+
+MAX_LINE_BYTES_LIMIT: Final = 16 * 1024 * 1024
+MAX_WORKERS: Final = 256
+# Larger timeouts overflow threading/socket timeouts; a year is "forever" here.
+MAX_TIMEOUT_S: Final = 31_536_000.0
+_SHOWN_VALUE_CHARS: Final = 120  # longer values are cut in error messages
+
+
+class ConfigError(Exception):
+    """A configuration problem the operator must fix; str() is one line.
+
+    The message starts with ``config error: `` (added if missing) and names
+    where the bad value came from, the value and what is allowed.  Control
+    characters are escaped so the message stays on one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        if not message.startswith("config error: "):
+            message = "config error: " + message
+        super().__init__(_one_line(message))
+
+
+class ListenAddress(NamedTuple):
+    """One address to listen on. ``str()`` gives ``127.0.0.1:8009`` or ``[::1]:8009``."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Every setting of tsechod. Field names are the TOML key names (see KEYS)."""
+
+    # [server]
+    listen: tuple[ListenAddress, ...] = (
+        ListenAddress("127.0.0.1", 8009),
+        ListenAddress("::1", 8009),
+    )
+    backlog: int = 1024
+    idle_timeout_s: float = 300.0
+    shutdown_timeout_s: float = 10.0
+    workers: int = 1  # "auto" in the file is resolved to os.cpu_count()
+    # [echo]
+    timestamp: str = "ctime"
+    utc: bool = False
+    telnet: bool = True
+    max_line_bytes: int = 65536
+    # [log]
+    log_target: str = "stderr"
+    log_file: Path | None = None
+    log_format: str = "text"
+    log_level: str = "info"
+    # [limits]
+    max_connections: int = 1024
+    max_connections_per_ip: int = 64
+    line_timeout_s: float = 120.0
+    send_timeout_s: float = 30.0
+    # [daemon]
+    pid_file: Path | None = None
+    user: str | None = None
+    group: str | None = None
+
+
+# --------------------------------------------------------------------------
+# Listen addresses
+
+_LISTEN_EXAMPLE: Final = "expected host:port, e.g. 127.0.0.1:8009 or [::1]:8009"
+_HOSTNAME_RE: Final = re.compile(
+    r"(?=.{1,253}\.?\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?\Z",
+    re.ASCII,
+)
+_PORT_RE: Final = re.compile(r"[0-9]{1,5}\Z", re.ASCII)
+_NUMERIC_HOST_RE: Final = re.compile(r"[0-9.]+\Z", re.ASCII)
+
+
+def parse_listen(text: str) -> ListenAddress:
+    """Parse ``host:port`` or ``[v6]:port`` into a ListenAddress.
+
+    The host is an IPv4 literal, a bracketed IPv6 literal (a ``%zone`` is
+    allowed) or a host name; IP literals are normalised (``[0::1]`` -> ``::1``).
+    The port is 0-65535 (0 picks a free port).  Raises ValueError whose message
+    names the text and says what is wrong.
+    """
+    shown = _shown(text)
+
+    def bad(reason: str) -> ValueError:
+        return ValueError(f"invalid listen address {shown}: {reason}")
+
+    if not text:
+        raise ValueError(f"empty listen address ({_LISTEN_EXAMPLE})")
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise bad(f"missing ']' after the IPv6 address ({_LISTEN_EXAMPLE})")
+        host, rest = text[1:close], text[close + 1 :]
+        if not rest.startswith(":"):
+            raise bad(f"missing ':port' after ']' ({_LISTEN_EXAMPLE})")
+        port_text = rest[1:]
+        try:
+            addr = ip_address(host)
+        except ValueError:
+            raise bad(f"{_shown(host)} in brackets is not an IPv6 address") from None
+        if not isinstance(addr, IPv6Address):
+            raise bad(f"brackets are only for IPv6 addresses; write {host}:{port_text}")
+        host = str(addr)
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise bad(f"missing port ({_LISTEN_EXAMPLE})")
+        if ":" in host:
+            raise bad("an IPv6 address must be in brackets, e.g. [::1]:8009")
+        if not host:
+            raise bad("missing host (use 0.0.0.0 or [::] for every address)")
+        try:
+            addr = ip_address(host)
+        except ValueError:
+            if _NUMERIC_HOST_RE.match(host):
+                raise bad(f"{_shown(host)} is not a valid IPv4 address") from None
+            if not _HOSTNAME_RE.match(host):
+                raise bad(f"{_shown(host)} is not an IP address or a valid host name") from None
+            host = host.lower()
+        else:
+            assert isinstance(addr, IPv4Address)
+            host = str(addr)
+    if not _PORT_RE.match(port_text) or int(port_text) > 65535:
+        raise bad(f"port {_shown(port_text)} is not a number 0-65535")
+    return ListenAddress(host, int(port_text))
+
+
+# --------------------------------------------------------------------------
+# The key registry
+
+Checker = Callable[[object], object]
+TextParser = Callable[[str], object]
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One configuration key: the single source of truth for its name and rules.
+
+    ``from_toml`` takes a value as tomllib returns it; ``from_text`` takes the
+    string from an environment variable or flag.  Both return the value to
+    store in Config or raise ValueError with the reason (``must be ...``).
+    Path values are returned as given; the loader resolves relative ones.
+    """
+
+    name: str
+    section: str
+    type: str  # for docs: "integer", "number", "boolean", "string", ...
+    allowed: str  # for docs: what values are accepted
+    help: str  # one line, used in etc/tsechod.toml and docs
+    from_toml: Checker
+    from_text: TextParser
+    flag: bool = False  # has a command-line flag
+
+    @property
+    def default(self) -> object:
+        return _FIELD_DEFAULTS[self.name]
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def flag_name(self) -> str | None:
+        return "--" + self.name.replace("_", "-") if self.flag else None
+
+
+def _type_name(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return "a date/time"
+
+
+def _wrong_type(reason: str, value: object) -> ValueError:
+    return ValueError(f"{reason}, not {_type_name(value)}")
+
+
+_INT_RE: Final = re.compile(r"[+-]?[0-9]{1,30}\Z", re.ASCII)
+_FLOAT_RE: Final = re.compile(
+    r"[+-]?(?:[0-9]{1,30}(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,4})?\Z", re.ASCII
+)
+_TRUE: Final = frozenset({"true", "yes", "1", "on"})
+_FALSE: Final = frozenset({"false", "no", "0", "off"})
+
+
+def _int_key(lo: int, hi: int | None, note: str = "") -> tuple[Checker, TextParser, str]:
+    reason = f"must be an integer {lo}-{hi}{note}" if hi is not None else f"must be an integer >= {lo}"
+
+    def check(value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _wrong_type(reason, value)
+        if value < lo or (hi is not None and value > hi):
+            raise ValueError(reason)
+        return value
+
+    def parse(text: str) -> object:
+        text = text.strip()
+        if not _INT_RE.match(text):
+            raise ValueError(reason)
+        return check(int(text))
+
+    return check, parse, reason
+
+
+def _seconds_key(lo: float, inclusive: bool) -> tuple[Checker, TextParser, str]:
+    op = ">=" if inclusive else ">"
+    reason = f"must be a number of seconds {op} {lo:g} (at most {MAX_TIMEOUT_S:.0f})"
+
+    def check(value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _wrong_type(reason, value)
+        number = float(value)
+        if not math.isfinite(number) or number > MAX_TIMEOUT_S:
+            raise ValueError(reason)
+        if number < lo or (number == lo and not inclusive):
+            raise ValueError(reason)
+        return number
+
+    def parse(text: str) -> object:
+        text = text.strip()
+        if not _FLOAT_RE.match(text):
+            raise ValueError(reason)
+        return check(float(text))
+
+    return check, parse, reason
+
+
+def _bool_key() -> tuple[Checker, TextParser, str]:
+    reason = "must be true or false"
+
+    def check(value: object) -> object:
+        if not isinstance(value, bool):
+            raise _wrong_type(reason, value)
+        return value
+
+    def parse(text: str) -> object:
+        word = text.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+        raise ValueError("must be true or false (or yes/no, on/off, 1/0)")
+
+    return check, parse, reason
+
+
+def _choice_key(choices: Sequence[str]) -> tuple[Checker, TextParser, str]:
+    reason = "must be one of " + ", ".join(choices)
+
+    def check(value: object) -> object:
+        if not isinstance(value, str):
+            raise _wrong_type(reason, value)
+        word = value.strip().lower()
+        if word not in choices:
+            raise ValueError(reason)
+        return word
+
+    return check, check, reason
+
+
+def _path_key() -> tuple[Checker, TextParser, str]:
+    reason = "must be a file path (a non-empty string)"
+
+    def check(value: object) -> object:
+        if not isinstance(value, str):
+            raise _wrong_type(reason, value)
+        if not value:
+            raise ValueError(reason)
+        if "\0" in value:
+            raise ValueError("must not contain a NUL character")
+        if value.endswith("/"):
+            raise ValueError("must name a file, not a directory (it ends with '/')")
+        return Path(value)
+
+    return check, check, reason
+
+
+def _name_key(what: str) -> tuple[Checker, TextParser, str]:
+    reason = f"must be a {what} name or number (a non-empty string without spaces)"
+
+    def check(value: object) -> object:
+        if not isinstance(value, str):
+            raise _wrong_type(reason, value)
+        if not value or not value.isprintable() or any(c.isspace() for c in value):
+            raise ValueError(reason)
+        return value
+
+    return check, check, reason
+
+
+def _workers_key() -> tuple[Checker, TextParser, str]:
+    reason = f'must be an integer 1-{MAX_WORKERS} or "auto"'
+
+    def check(value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return min(os.cpu_count() or 1, MAX_WORKERS)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _wrong_type(reason, value)
+        if not 1 <= value <= MAX_WORKERS:
+            raise ValueError(reason)
+        return value
+
+    def parse(text: str) -> object:
+        text = text.strip()
+        if text.lower() == "auto":
+            return check(text)
+        if not _INT_RE.match(text):
+            raise ValueError(reason)
+        return check(int(text))
+
+    return check, parse, reason
+
+
+TIMESTAMP_STYLES: Final = ("ctime", "iso", "epoch")
+_STRFTIME_TOKEN_RE: Final = re.compile(r"%.", re.DOTALL)
+
+
+def _check_timestamp(value: object) -> object:
+    reason = "must be ctime, iso, epoch or a strftime pattern containing '%'"
+    if not isinstance(value, str):
+        raise _wrong_type(reason, value)
+    if value.strip().lower() in TIMESTAMP_STYLES:
+        return value.strip().lower()
+    if "%" not in value:
+        raise ValueError(reason)
+    if not value.isprintable():
+        raise ValueError("strftime pattern must not contain control characters")
+    if _STRFTIME_TOKEN_RE.sub("", value).endswith("%"):
+        raise ValueError("strftime pattern ends with a lone '%' (write '%%' for a percent sign)")
+    # %f (microseconds) is ours, not strftime's: the reply formatter fills it in.
+    probe = _STRFTIME_TOKEN_RE.sub(lambda m: "000000" if m.group() == "%f" else m.group(), value)
+    try:
+        out = time.strftime(probe, time.gmtime(0))
+    except (ValueError, UnicodeError, OverflowError) as err:
+        raise ValueError(f"strftime rejects the pattern: {err}") from None
+    if not out.isprintable():
+        raise ValueError("strftime pattern must not produce control characters (such as %n or %t)")
+    return value
+
+
+def _check_listen(value: object) -> object:
+    reason = 'must be a list of "host:port" strings, e.g. ["127.0.0.1:8009", "[::1]:8009"]'
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise _wrong_type(reason, value)
+    if not all(isinstance(item, str) for item in value):
+        raise ValueError(reason)
+    return _listen_tuple(cast(list[str], value))
+
+
+def _parse_listen_text(text: str) -> object:
+    return _listen_tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _listen_tuple(items: Iterable[str]) -> tuple[ListenAddress, ...]:
+    seen: list[ListenAddress] = []
+    for item in items:
+        addr = parse_listen(item)
+        if addr in seen:
+            raise ValueError(f"address {addr} is listed twice")
+        seen.append(addr)
+    if not seen:
+        raise ValueError("must list at least one address, e.g. 127.0.0.1:8009")
+    return tuple(seen)
+
+
+def _make_key(
+    name: str,
+    section: str,
+    type_: str,
+    spec: tuple[Checker, TextParser, str],
+    help_: str,
+    *,
+    allowed: str | None = None,
+    flag: bool = False,
+) -> Key:
+    check, parse, reason = spec
+    shown_allowed = allowed if allowed is not None else reason.removeprefix("must be ")
+    return Key(name, section, type_, shown_allowed, help_, check, parse, flag)
+
+
+KEYS: Final[tuple[Key, ...]] = (
+    # [server]
+    Key(
+        "listen", "server", "list of addresses",
+        '"host:port" or "[ipv6]:port", port 0-65535 (0 = any free port); no duplicates',
+        "addresses to listen on; port 0 picks a free port (logged at start)",
+        _check_listen, _parse_listen_text, True,
+    ),
+    _make_key("backlog", "server", "integer", _int_key(1, 65535),
+              "listen queue length passed to listen()"),
+    _make_key("idle_timeout_s", "server", "number", _seconds_key(0, False),
+              "close a connection that sends nothing for this many seconds", flag=True),
+    _make_key("shutdown_timeout_s", "server", "number", _seconds_key(0, True),
+              "on SIGTERM, wait at most this long for connections to finish"),
+    _make_key("workers", "server", "integer or \"auto\"", _workers_key(),
+              'worker processes; "auto" = number of CPUs', flag=True),
+    # [echo]
+    Key(
+        "timestamp", "echo", "string",
+        "ctime, iso, epoch, or a strftime pattern containing '%' (%f = microseconds)",
+        "reply timestamp style: ctime, iso, epoch or a strftime pattern",
+        _check_timestamp, _check_timestamp, True,
+    ),
+    _make_key("utc", "echo", "boolean", _bool_key(), "timestamps in UTC instead of local time",
+              allowed="true or false"),
+    _make_key("telnet", "echo", "boolean", _bool_key(),
+              "strip telnet IAC negotiation from input; IAC IP closes the connection",
+              allowed="true or false"),
+    _make_key("max_line_bytes", "echo", "integer", _int_key(1, MAX_LINE_BYTES_LIMIT, " (16 MiB)"),
+              "longest line accepted; a longer one gets ERR and the connection is closed"),
+    # [log]
+    _make_key("log_target", "log", "string", _choice_key(("stderr", "file", "syslog")),
+              "where logs go: stderr, file (needs log_file) or syslog (/dev/log)", flag=True),
+    _make_key("log_file", "log", "path", _path_key(),
+              "log file for log_target = \"file\"; relative to this file's directory", flag=True),
+    _make_key("log_format", "log", "string", _choice_key(("text", "json")),
+              "text, or json (one object per line)", flag=True),
+    _make_key("log_level", "log", "string", _choice_key(("debug", "info", "warning", "error")),
+              "debug, info, warning or error (case-insensitive)", flag=True),
+    # [limits]
+    _make_key("max_connections", "limits", "integer", _int_key(1, None),
+              "connections over this get 'ERR server busy' and are closed"),
+    _make_key("max_connections_per_ip", "limits", "integer", _int_key(1, None),
+              "connections from one address over this are refused"),
+    _make_key("line_timeout_s", "limits", "number", _seconds_key(0, False),
+              "a line must be complete this long after its first byte (slow clients)"),
+    _make_key("send_timeout_s", "limits", "number", _seconds_key(0, False),
+              "close a client that does not read its replies for this long"),
+    # [daemon]
+    _make_key("pid_file", "daemon", "path", _path_key(),
+              "pid file written by --daemon; relative to this file's directory", flag=True),
+    _make_key("user", "daemon", "string", _name_key("user"),
+              "when started as root, switch to this user after binding", flag=True),
+    _make_key("group", "daemon", "string", _name_key("group"),
+              "when started as root, switch to this group after binding", flag=True),
+)
+KEYS_BY_NAME: Final[Mapping[str, Key]] = {key.name: key for key in KEYS}
+_FIELD_DEFAULTS: Final[Mapping[str, object]] = {f.name: f.default for f in fields(Config)}
+
+if [key.name for key in KEYS] != list(_FIELD_DEFAULTS):  # pragma: no cover - import-time guard
+    raise AssertionError("KEYS and Config fields differ")
+
+
+# --------------------------------------------------------------------------
+# Finding and loading
+
+
+def find_config_path(
+    explicit: str | None,
+    environ: Mapping[str, str],
+    *,
+    default: Path = DEFAULT_CONFIG_PATH,
+) -> Path | None:
+    """Pick the config file: ``--config`` > ``$TSECHOD_CONFIG`` > *default* if it exists > None.
+
+    A path given with ``--config`` or ``TSECHOD_CONFIG`` must exist, else
+    ConfigError.  An empty ``TSECHOD_CONFIG`` counts as unset.  None means
+    "no file: built-in defaults".  Reading the file is load_config's job.
+    """
+    if explicit is not None:
+        return _existing(Path(explicit), f"--config={_shell(explicit)}")
+    env_path = environ.get("TSECHOD_CONFIG", "")
+    if env_path:
+        return _existing(Path(env_path), f"environment TSECHOD_CONFIG={_shell(env_path)}")
+    try:
+        os.stat(default)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        pass  # exists but unreadable: let load_config report the reason
+    return default
+
+
+def _existing(path: Path, where: str) -> Path:
+    if not str(path):
+        raise ConfigError(f"{where}: needs a file path")
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file") from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{where}: {_os_reason(err)}") from None
+    return path
+
+
+def load_config(
+    path: Path | None,
+    environ: Mapping[str, str],
+    overrides: Mapping[str, str | Sequence[str]] | None = None,
+) -> Config:
+    """Build the effective Config: defaults < TOML file *path* < *environ* < *overrides*.
+
+    *path* None means no file.  *environ* is searched for ``TSECHOD_<KEY>``
+    variables (an unknown ``TSECHOD_*`` name is an error).  *overrides* maps
+    field names to the raw strings given as flags (``listen``: a list); a
+    None or empty value means "flag not given".  Raises ConfigError with a
+    one-line message for any problem.
+    """
+    return load_config_with_sources(path, environ, overrides)[0]
+
+
+def load_config_with_sources(
+    path: Path | None,
+    environ: Mapping[str, str],
+    overrides: Mapping[str, str | Sequence[str]] | None = None,
+) -> tuple[Config, dict[str, str]]:
+    """Like load_config, and also say where each value came from.
+
+    The dict maps every field name to ``"default"``, ``"file <path>"``,
+    ``"env TSECHOD_<KEY>"`` or ``"flag --<key-name>"``.
+    """
+    values: dict[str, object] = dict(_FIELD_DEFAULTS)
+    sources: dict[str, str] = {key.name: "default" for key in KEYS}
+    wheres: dict[str, str] = {}
+
+    if path is not None:
+        for key, raw, where in _read_file(path):
+            value = _convert(key.from_toml, raw, where)
+            if isinstance(value, Path) and not value.is_absolute():
+                value = path.parent.absolute() / value
+            values[key.name], sources[key.name], wheres[key.name] = value, f"file {path}", where
+
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX) or var in RESERVED_ENV:
+            continue
+        text = environ[var]
+        where = f"environment {var}={_shell(text)}"
+        env_key = _ENV_KEYS.get(var)
+        if env_key is None:
+            raise ConfigError(f"{where}: unknown variable{_env_hint(var)}")
+        values[env_key.name] = _from_text(env_key, text, where)
+        sources[env_key.name], wheres[env_key.name] = f"env {var}", where
+
+    for name, given in (overrides or {}).items():
+        if given is None or (not isinstance(given, str) and len(given) == 0):
+            continue  # argparse default: the flag was not given
+        flag = "--" + name.replace("_", "-")
+        flag_key = KEYS_BY_NAME.get(name)
+        items = [given] if isinstance(given, str) else list(given)
+        where = " ".join(f"{flag}={_shell(str(item))}" for item in items)
+        if flag_key is None:
+            raise ConfigError(f"{where}: unknown option")
+        if len(items) > 1 and flag_key.name != "listen":
+            raise ConfigError(f"{where}: given more than once")
+        values[name] = _from_text(flag_key, ",".join(items), where)
+        sources[name], wheres[name] = f"flag {flag}", where
+
+    if values["log_target"] == "file" and values["log_file"] is None:
+        raise ConfigError(
+            f"{wheres['log_target']}: requires log_file "
+            "(set [log] log_file, TSECHOD_LOG_FILE or --log-file)"
+        )
+    return cast(Any, Config)(**values), sources
+
+
+_ENV_KEYS: Final[Mapping[str, Key]] = {key.env: key for key in KEYS}
+
+
+def _convert(check: Checker, raw: object, where: str) -> object:
+    try:
+        return check(raw)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _from_text(key: Key, text: str, where: str) -> object:
+    try:
+        value = key.from_text(text)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    if isinstance(value, Path) and not value.is_absolute():
+        # Relative to where the operator typed it; --daemon later chdirs to /.
+        value = Path.cwd() / value
+    return value
+
+
+def _read_file(path: Path) -> list[tuple[Key, object, str]]:
+    """Parse the TOML file; return (key, raw value, where) in file order."""
+    try:
+        data = path.read_bytes()
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: cannot read: {_os_reason(err)}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(
+            f"{path}: not valid UTF-8 (byte 0x{data[err.start]:02x} at line {line})"
+        ) from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid TOML: values nested too deeply") from None
+
+    found: list[tuple[Key, object, str]] = []
+    for top, body in doc.items():
+        if top in SECTIONS:
+            if not isinstance(body, dict):
+                raise ConfigError(
+                    f"{path}: {_quote(top)} must be a section ([{top}]), not {_type_name(body)}"
+                )
+            for name, raw in body.items():
+                key = KEYS_BY_NAME.get(name)
+                if key is None:
+                    raise ConfigError(
+                        f"{path}: unknown key {_quote(name)} in [{top}]{_key_hint(name, top)}"
+                    )
+                if key.section != top:
+                    raise ConfigError(
+                        f"{path}: key {_quote(name)} belongs in [{key.section}], not in [{top}]"
+                    )
+                found.append((key, raw, f"{path}: [{top}] {name} = {_toml_value(raw)}"))
+        elif top in KEYS_BY_NAME:
+            section = KEYS_BY_NAME[top].section
+            raise ConfigError(
+                f"{path}: key {_quote(top)} must be in a section: put it under [{section}]"
+            )
+        elif isinstance(body, dict):
+            raise ConfigError(f"{path}: unknown section [{top}]{_section_hint(top)}")
+        else:
+            raise ConfigError(
+                f"{path}: unknown key {_quote(top)} outside any section{_key_hint(top, None)}"
+            )
+    return found
+
+
+# --------------------------------------------------------------------------
+# Hints and quoting for messages
+
+
+def _key_hint(name: str, section: str | None) -> str:
+    match = difflib.get_close_matches(name, list(KEYS_BY_NAME), n=1, cutoff=0.6)
+    if match:
+        key = KEYS_BY_NAME[match[0]]
+        if key.section == section:
+            return f" (did you mean {_quote(key.name)}?)"
+        return f" (did you mean {_quote(key.name)} in [{key.section}]?)"
+    if section is None:
+        return " (keys go in a section: " + ", ".join(f"[{s}]" for s in SECTIONS) + ")"
+    names = ", ".join(key.name for key in KEYS if key.section == section)
+    return f" (keys in [{section}]: {names})"
+
+
+def _section_hint(name: str) -> str:
+    match = difflib.get_close_matches(name, SECTIONS, n=1, cutoff=0.6)
+    if match:
+        return f" (did you mean [{match[0]}]?)"
+    if name in KEYS_BY_NAME:
+        return f" ({_quote(name)} is a key in [{KEYS_BY_NAME[name].section}])"
+    return " (sections: " + ", ".join(f"[{s}]" for s in SECTIONS) + ")"
+
+
+def _env_hint(var: str) -> str:
+    candidates = [*_ENV_KEYS, *sorted(RESERVED_ENV)]
+    match = difflib.get_close_matches(var, candidates, n=1, cutoff=0.6)
+    if match:
+        return f" (did you mean {match[0]}?)"
+    return " (TSECHOD_* variables must name a config key; see docs/configuration.md)"
+
+
+def _quote(name: str) -> str:
+    return "'" + _cut(name) + "'"
+
+
+def _shown(text: str) -> str:
+    return "'" + _cut(text) + "'"
+
+
+def _cut(text: str) -> str:
+    if len(text) > _SHOWN_VALUE_CHARS:
+        return text[:_SHOWN_VALUE_CHARS] + "..."
+    return text
+
+
+def _shell(text: str) -> str:
+    """An env/flag value as the operator would type it in a shell, cut if long."""
+    return shlex.quote(_cut(text)) if text.isprintable() else repr(_cut(text))
+
+
+def _os_reason(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err)
+
+
+def _one_line(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _toml_string(text: str) -> str:
+    out = []
+    for c in text:
+        if c == '"':
+            out.append('\\"')
+        elif c == "\\":
+            out.append("\\\\")
+        elif c in "\b\t\n\f\r":
+            out.append({"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}[c])
+        elif ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_value(value: object, *, cut: bool = True) -> str:
+    """Render a value as TOML (cut to a readable length for messages)."""
+    if isinstance(value, bool):
+        shown = "true" if value else "false"
+    elif isinstance(value, int):
+        shown = str(value) if abs(value) < 10**40 else f"{str(value)[:40]}..."
+    elif isinstance(value, float):
+        if math.isnan(value):
+            shown = "nan"
+        elif math.isinf(value):
+            shown = "inf" if value > 0 else "-inf"
+        else:
+            shown = repr(value)
+    elif isinstance(value, str):
+        shown = _toml_string(value)
+    elif isinstance(value, Path):
+        shown = _toml_string(str(value))
+    elif isinstance(value, ListenAddress):
+        shown = _toml_string(str(value))
+    elif isinstance(value, list | tuple):
+        shown = "[" + ", ".join(_toml_value(item, cut=False) for item in value) + "]"
+    elif isinstance(value, dict):
+        shown = "{" + ", ".join(
+            f"{_toml_string(str(k))} = {_toml_value(v, cut=False)}" for k, v in value.items()
+        ) + "}"
+    else:
+        shown = value.isoformat() if hasattr(value, "isoformat") else str(value)
+    return _cut(shown) if cut else shown
+
+
+# --------------------------------------------------------------------------
+# check-config output
+
+
+def format_config(config: Config, sources: Mapping[str, str]) -> str:
+    """Render *config* as TOML grouped by section, each key with its source in a comment.
+
+    Used by ``tsechod check-config``.  Keys whose value is None are shown
+    commented out.  The result parses back (tomllib) to the same settings.
+    """
+    lines = ["# tsechod effective configuration; each comment says where the value came from"]
+    for section in SECTIONS:
+        lines.append("")
+        lines.append(f"[{section}]")
+        for key in KEYS:
+            if key.section != section:
+                continue
+            value = getattr(config, key.name)
+            source = _one_line(sources.get(key.name, "default"))
+            if value is None:
+                lines.append(f"# {key.name} is not set  # {source}")
+            else:
+                lines.append(f"{key.name} = {_toml_value(value, cut=False)}  # {source}")
+    return "\n".join(lines) + "\n"
