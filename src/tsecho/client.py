@@ -1,0 +1,525 @@
+"""The ``tsecho`` client: connect to tsechod, send lines, print the replies.
+
+Owns the ``tsecho`` command line (:func:`main`) and its three ways to run:
+
+* ``-m TEXT`` (repeatable): send those lines, print the replies, exit.
+* stdin not a terminal: send every stdin line, pipelined (send in chunks while
+  reading replies, bounded memory), half-close, read the rest until EOF.
+* stdin a terminal: an interactive ``>>> `` prompt with readline editing and
+  history in ``~/.tsecho_history``.
+
+The pure parts, :func:`parse_address` and :class:`ReplyStream`, hold the
+rules and are tested without sockets; the I/O around them stays thin. Replies
+are bytes and go to ``stdout.buffer`` unchanged: nothing is decoded.
+Nothing here imports the server side of the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import select
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from typing import BinaryIO, Final, NamedTuple
+
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 8009
+DEFAULT_TIMEOUT_S: Final = 5.0
+PROMPT: Final = ">>> "
+HISTORY_FILE: Final = "~/.tsecho_history"
+HISTORY_LENGTH: Final = 1000
+CHUNK_BYTES: Final = 64 * 1024
+# Stop reading stdin while this much is still unsent: memory stays bounded
+# however big the input is, and the kernel's socket buffers do the queueing.
+SEND_HIGH_WATER_BYTES: Final = 256 * 1024
+EXIT_OK: Final = 0
+EXIT_FAILURE: Final = 1
+EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
+class Address(NamedTuple):
+    """Where the server is. ``str()`` gives ``127.0.0.1:8009`` or ``[::1]:8009``."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+class AddressError(ValueError):
+    """A ``HOST[:PORT]`` argument that cannot be parsed; the text says why."""
+
+
+class ClientError(Exception):
+    """A failure the user can act on; ``str()`` is the one-line message."""
+
+
+class OutputClosed(Exception):
+    """stdout went away (``tsecho < big | head -1``): stop quietly."""
+
+
+def parse_address(text: str, default_port: int = DEFAULT_PORT) -> Address:
+    """Parse the ``HOST[:PORT]`` argument into an :class:`Address`.
+
+    Accepted: ``""`` (default host and port), ``host``, ``host:port``,
+    ``:port`` (default host), ``[v6]``, ``[v6]:port``, and a bare IPv6
+    literal such as ``::1`` (two or more colons and no brackets), which takes
+    the default port: give a port with an IPv6 address in brackets.
+    Ports must be decimal 1-65535. Raises :class:`AddressError` otherwise.
+    The host is not resolved here.
+    """
+    if text.startswith("["):
+        close = text.find("]")
+        if close == -1:
+            raise AddressError(f"missing ']' in {text!r} (write IPv6 as [::1]:8009)")
+        host, rest = text[1:close], text[close + 1 :]
+        if not host:
+            raise AddressError(f"empty address in brackets in {text!r}")
+        if not rest:
+            port = default_port
+        elif rest.startswith(":"):
+            port = _parse_port(rest[1:], text)
+        else:
+            raise AddressError(f"unexpected {rest!r} after ']' in {text!r}")
+    elif text.count(":") >= 2:
+        # A bare IPv6 literal: its colons leave no room for a port.
+        host, port = text, default_port
+    elif ":" in text:
+        host_text, _, port_text = text.partition(":")
+        host, port = host_text or DEFAULT_HOST, _parse_port(port_text, text)
+    else:
+        host, port = text or DEFAULT_HOST, default_port
+    if any(char.isspace() or not char.isprintable() for char in host):
+        raise AddressError(f"bad host {host!r} in {text!r}")
+    return Address(host, port)
+
+
+def _parse_port(port_text: str, text: str) -> int:
+    if not port_text:
+        raise AddressError(f"missing port after ':' in {text!r}")
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
+        raise AddressError(f"bad port {port_text!r} in {text!r}: must be a number 1-65535")
+    return int(port_text)
+
+
+class Batch(NamedTuple):
+    """What one :meth:`ReplyStream.feed` produced."""
+
+    replies: bytes  # complete reply lines, line endings kept, ready to print
+    lines: int  # how many lines that is
+    error: bytes | None  # an ``ERR ...`` line (without its ending); stop there
+
+
+class ReplyStream:
+    """Split the server's byte stream into reply lines and spot ``ERR`` lines.
+
+    A reply starts with ``[``; a line starting with ``ERR `` is the server
+    refusing something, after which it closes. Bytes are never decoded.
+    """
+
+    def __init__(self) -> None:
+        self._pending = bytearray()
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes after the last line end: a reply cut short, if the stream ends now."""
+        return bytes(self._pending)
+
+    def feed(self, data: bytes) -> Batch:
+        """Add *data*; return the complete lines it finished.
+
+        After an ``ERR`` line is returned the stream is done: later bytes are
+        not looked at.
+        """
+        self._pending += data
+        end = self._pending.rfind(b"\n")
+        if end == -1:
+            return Batch(b"", 0, None)
+        complete = bytes(self._pending[: end + 1])
+        del self._pending[: end + 1]
+        if complete.startswith(b"ERR ") or b"\nERR " in complete:
+            lines = complete.split(b"\n")
+            for index, line in enumerate(lines):
+                if line.startswith(b"ERR "):
+                    replies = b"".join(reply + b"\n" for reply in lines[:index])
+                    return Batch(replies, index, line.rstrip(b"\r"))
+        return Batch(complete, complete.count(b"\n"), None)
+
+
+def _describe(err: OSError) -> str:
+    """``Connection refused`` -> ``connection refused``: to sit mid-sentence."""
+    text = err.strerror or str(err) or type(err).__name__
+    return text[:1].lower() + text[1:]
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}"
+
+
+def _server_said(address: Address, line: bytes) -> ClientError:
+    # Server text goes to a terminal: escape control bytes rather than print them.
+    return ClientError(f"{address}: {line.decode('ascii', 'backslashreplace')}")
+
+
+def _lost(address: Address, err: OSError) -> ClientError:
+    if isinstance(err, ConnectionResetError):
+        return ClientError(f"connection reset by {address}")
+    if isinstance(err, (BrokenPipeError, ConnectionAbortedError)):
+        return ClientError(f"connection closed by {address}")
+    return ClientError(f"connection to {address} failed: {_describe(err)}")
+
+
+def _no_reply(address: Address, timeout_s: float) -> ClientError:
+    return ClientError(f"no reply from {address} within {_seconds(timeout_s)} s")
+
+
+def connect(address: Address, timeout_s: float) -> socket.socket:
+    """Open a TCP connection to *address*, trying each resolved address.
+
+    Returns a blocking socket with *timeout_s* set. Raises
+    :class:`ClientError` with an actionable message when the name doesn't
+    resolve, the port is refused, or nothing answers within *timeout_s*.
+    """
+    try:
+        return socket.create_connection(address, timeout=timeout_s)
+    except socket.gaierror as err:
+        raise ClientError(
+            f"cannot resolve {address.host!r}: {_describe(err)} "
+            f"(check the host name, or give an IP address)"
+        ) from err
+    except ConnectionRefusedError as err:
+        raise ClientError(
+            f"cannot connect to {address}: connection refused "
+            f"(is tsechod running? systemctl status tsechod)"
+        ) from err
+    except TimeoutError as err:
+        raise ClientError(
+            f"cannot connect to {address}: no answer within {_seconds(timeout_s)} s "
+            f"(is the host up? a firewall may be dropping packets)"
+        ) from err
+    except OSError as err:
+        raise ClientError(f"cannot connect to {address}: {_describe(err)}") from err
+
+
+def _write(out: BinaryIO, data: bytes) -> None:
+    try:
+        out.write(data)
+        out.flush()
+    except (BrokenPipeError, ValueError) as err:  # ValueError: stdout already closed
+        raise OutputClosed from err
+
+
+def pipeline(
+    sock: socket.socket,
+    address: Address,
+    source_fd: int | None,
+    preload: bytes,
+    out: BinaryIO,
+    timeout_s: float,
+) -> None:
+    """Send *preload*, then everything read from *source_fd*, and print every reply.
+
+    Sending and receiving run interleaved in one ``poll()`` loop, so a big
+    input never waits for a round trip per line and never piles up in memory.
+    A last line without a line end gets one (so it is answered). When all is
+    sent the write side is shut down and replies are read until the server
+    closes. Returns when every line got its reply and the server closed.
+    Raises :class:`ClientError` (timeout, closed or reset connection, an
+    ``ERR`` line) and :class:`OutputClosed`.
+    """
+    sock.setblocking(False)
+    outbox = bytearray(preload)
+    ends_with_newline = not preload or preload.endswith(b"\n")
+    stream = ReplyStream()
+    lines_sent = lines_answered = 0
+    write_shut = False
+    deadline: float | None = None  # the server must make progress by then
+
+    def waiting_on_server() -> bool:
+        return bool(outbox) or lines_sent > lines_answered or write_shut
+
+    poller = select.poll()
+    source_polled = False
+    while True:
+        if source_fd is None and not outbox and not write_shut:
+            sock.shutdown(socket.SHUT_WR)  # "that was all": the server answers and closes
+            write_shut = True
+            if deadline is None:
+                deadline = time.monotonic() + timeout_s
+        poller.register(sock, select.POLLIN | (select.POLLOUT if outbox else 0))
+        # Read stdin only while the outbox has room; unregister rather than mask
+        # it, since poll() reports a closed pipe's POLLHUP whatever the mask.
+        if source_fd is not None and source_polled != (len(outbox) < SEND_HIGH_WATER_BYTES):
+            source_polled = not source_polled
+            if source_polled:
+                poller.register(source_fd, select.POLLIN)
+            else:
+                poller.unregister(source_fd)
+        wait_ms = None if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1000))
+        ready = dict(poller.poll(wait_ms))
+        now = time.monotonic()
+        if deadline is not None and now >= deadline and not ready.get(sock.fileno(), 0) & select.POLLIN:
+            raise _no_reply(address, timeout_s)
+
+        events = ready.get(sock.fileno(), 0)
+        if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
+            try:
+                data = sock.recv(CHUNK_BYTES)
+            except BlockingIOError:
+                data = None
+            except OSError as err:
+                raise _lost(address, err) from err
+            if data == b"":
+                if stream.pending:
+                    _write(out, stream.pending)
+                if write_shut and lines_answered == lines_sent:
+                    return
+                raise ClientError(f"connection closed by {address}")
+            if data:
+                batch = stream.feed(data)
+                if batch.replies:
+                    _write(out, batch.replies)
+                if batch.error is not None:
+                    raise _server_said(address, batch.error)
+                lines_answered += batch.lines
+                deadline = now + timeout_s if waiting_on_server() else None
+        if outbox and events & select.POLLOUT:
+            try:
+                sent = sock.send(outbox[:CHUNK_BYTES])
+            except BlockingIOError:
+                sent = 0
+            except OSError as err:
+                _report_last_words(sock, address, stream, out)
+                raise _lost(address, err) from err
+            lines_sent += outbox.count(b"\n", 0, sent)
+            del outbox[:sent]
+            if deadline is None and waiting_on_server():
+                deadline = now + timeout_s
+
+        if source_fd is not None and source_polled and ready.get(source_fd, 0):
+            try:
+                data = os.read(source_fd, CHUNK_BYTES)
+            except OSError as err:
+                raise ClientError(f"cannot read stdin: {_describe(err)}") from err
+            if data:
+                outbox += data
+                ends_with_newline = data.endswith(b"\n")
+            else:
+                if not ends_with_newline:
+                    outbox += b"\n"  # the last line has no line end: still send it
+                poller.unregister(source_fd)
+                source_polled = False
+                source_fd = None
+
+
+def _report_last_words(sock: socket.socket, address: Address, stream: ReplyStream, out: BinaryIO) -> None:
+    """After a failed send, read what the server sent before it left.
+
+    A server that refuses a line (``ERR line too long``) closes at once; our
+    next send then fails, but its ``ERR`` line is what the user needs to see.
+    Raises the server's ``ERR`` as :class:`ClientError` if there is one.
+    """
+    sock.setblocking(False)
+    while True:
+        try:
+            data = sock.recv(CHUNK_BYTES)
+        except OSError:
+            return
+        if not data:
+            return
+        batch = stream.feed(data)
+        if batch.replies:
+            _write(out, batch.replies)
+        if batch.error is not None:
+            raise _server_said(address, batch.error)
+
+
+def _load_history() -> str | None:
+    """Turn on readline editing and load the history; None when readline is missing."""
+    try:
+        import readline
+    except ImportError:
+        return None
+    path = os.path.expanduser(HISTORY_FILE)
+    readline.set_history_length(HISTORY_LENGTH)
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass  # no history yet, or unreadable: start without
+    return path
+
+
+def _save_history(path: str | None) -> None:
+    if path is None:
+        return
+    import readline
+
+    try:
+        readline.write_history_file(path)
+    except OSError:
+        pass  # read-only home, full disk: losing history must not fail the session
+
+
+def interactive(sock: socket.socket, address: Address, out: BinaryIO, timeout_s: float) -> None:
+    """Prompt ``>>> ``, send each non-empty input line, print its reply.
+
+    Returns on end of input (Ctrl-D). Empty input sends nothing. Raises
+    :class:`ClientError` when the server goes away, does not answer within
+    *timeout_s*, or answers ``ERR``; KeyboardInterrupt passes through.
+    """
+    encoding = sys.stdin.encoding
+    # Keep bytes the terminal sends that aren't valid in the locale, and send them as typed.
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
+    history = _load_history()
+    stream = ReplyStream()
+    try:
+        while True:
+            try:
+                text = input(PROMPT)
+            except EOFError:
+                _write(out, b"\n")  # leave the shell prompt on a line of its own
+                return
+            if not text:
+                continue
+            try:
+                sock.sendall(text.encode(encoding, "surrogateescape") + b"\n")
+            except TimeoutError as err:
+                raise _no_reply(address, timeout_s) from err
+            except OSError as err:
+                _report_last_words(sock, address, stream, out)
+                raise _lost(address, err) from err
+            _print_replies(sock, address, stream, out, timeout_s, expected=1)
+    finally:
+        _save_history(history)
+
+
+def _print_replies(
+    sock: socket.socket, address: Address, stream: ReplyStream, out: BinaryIO, timeout_s: float, expected: int
+) -> None:
+    answered = 0
+    while answered < expected:
+        try:
+            data = sock.recv(CHUNK_BYTES)
+        except TimeoutError as err:
+            raise _no_reply(address, timeout_s) from err
+        except OSError as err:
+            raise _lost(address, err) from err
+        if not data:
+            if stream.pending:
+                _write(out, stream.pending)
+            raise ClientError(f"connection closed by {address}")
+        batch = stream.feed(data)
+        if batch.replies:
+            _write(out, batch.replies)
+        if batch.error is not None:
+            raise _server_said(address, batch.error)
+        answered += batch.lines
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text!r}")
+    return value
+
+
+def _address(text: str) -> Address:
+    try:
+        return parse_address(text)
+    except AddressError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tsecho",
+        description="Talk to tsechod, the timestamp echo daemon: each line you send "
+        "comes back as '[<timestamp>] line'. Interactive on a terminal; with stdin "
+        "piped, sends every line and prints every reply.",
+        epilog="examples: tsecho | tsecho -m hello | printf 'a\\nb\\n' | tsecho | "
+        "tsecho '[::1]:8009' | tsecho example.org:8009. See tsecho(1).",
+    )
+    parser.add_argument(
+        "address",
+        metavar="HOST[:PORT]",
+        nargs="?",
+        default=Address(DEFAULT_HOST, DEFAULT_PORT),
+        type=_address,
+        help=f"server to talk to (default {DEFAULT_HOST}:{DEFAULT_PORT}); IPv6 as [::1]:8009, or ::1",
+    )
+    parser.add_argument(
+        "-m",
+        "--message",
+        metavar="TEXT",
+        action="append",
+        default=[],
+        help="send TEXT as one line, print the reply, exit (repeatable; stdin is not read)",
+    )
+    parser.add_argument(
+        "--timeout",
+        metavar="S",
+        type=_timeout,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds to wait for the connection and for each reply (default {_seconds(DEFAULT_TIMEOUT_S)})",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``tsecho`` command; return the exit status.
+
+    0 all lines answered (or Ctrl-D), 1 a failure (one line on stderr),
+    2 bad usage (argparse), 130 interrupted by Ctrl-C.
+    ``TSECHO_DEBUG=1`` re-raises failures so the traceback shows.
+    """
+    args = build_parser().parse_args(argv)
+    address: Address = args.address
+    timeout_s: float = args.timeout
+    out = sys.stdout.buffer
+    is_interactive = not args.message and sys.stdin is not None and sys.stdin.isatty()
+    try:
+        with connect(address, timeout_s) as sock:
+            if args.message:
+                preload = b"".join(os.fsencode(text) + b"\n" for text in args.message)
+                pipeline(sock, address, None, preload, out, timeout_s)
+            elif is_interactive:
+                interactive(sock, address, out, timeout_s)
+            else:
+                source_fd = sys.stdin.fileno() if sys.stdin is not None else None
+                pipeline(sock, address, source_fd, b"", out, timeout_s)
+        return EXIT_OK
+    except KeyboardInterrupt:
+        if is_interactive:
+            print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OutputClosed:
+        # Whoever read our stdout stopped; say nothing, and keep the interpreter's
+        # final flush from complaining about the dead pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_FAILURE
+    except ClientError as err:
+        if os.environ.get("TSECHO_DEBUG") == "1":
+            raise
+        try:
+            out.flush()
+        except OSError:
+            pass
+        print(f"tsecho: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
