@@ -599,11 +599,14 @@ def load_config_with_sources(
         sources[env_key.name], wheres[env_key.name] = f"env {var}", where
 
     for name, given in (overrides or {}).items():
-        if given is None or (not isinstance(given, str) and len(given) == 0):
+        if given is None or (isinstance(given, list | tuple) and not given):
             continue  # argparse default: the flag was not given
         flag = "--" + name.replace("_", "-")
         flag_key = KEYS_BY_NAME.get(name)
-        items = [given] if isinstance(given, str) else list(given)
+        if isinstance(given, str | Path | int | float):
+            items = [str(given)]
+        else:
+            items = [str(item) for item in given]
         where = " ".join(f"{flag}={_shell(str(item))}" for item in items)
         if flag_key is None:
             raise ConfigError(f"{where}: unknown option")
@@ -648,7 +651,7 @@ def _read_file(path: Path) -> list[tuple[Key, object, str]]:
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: cannot read: {_os_reason(err)}") from None
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a BOM from a Windows editor is harmless
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         raise ConfigError(
@@ -658,6 +661,8 @@ def _read_file(path: Path) -> list[tuple[Key, object, str]]:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    except ValueError:  # int() of a literal over sys.get_int_max_str_digits()
+        raise ConfigError(f"{path}: invalid TOML: an integer has too many digits") from None
     except RecursionError:
         raise ConfigError(f"{path}: invalid TOML: values nested too deeply") from None
 
@@ -679,13 +684,13 @@ def _read_file(path: Path) -> list[tuple[Key, object, str]]:
                         f"{path}: key {_quote(name)} belongs in [{key.section}], not in [{top}]"
                     )
                 found.append((key, raw, f"{path}: [{top}] {name} = {_toml_value(raw)}"))
+        elif isinstance(body, dict):
+            raise ConfigError(f"{path}: unknown section [{top}]{_section_hint(top)}")
         elif top in KEYS_BY_NAME:
             section = KEYS_BY_NAME[top].section
             raise ConfigError(
                 f"{path}: key {_quote(top)} must be in a section: put it under [{section}]"
             )
-        elif isinstance(body, dict):
-            raise ConfigError(f"{path}: unknown section [{top}]{_section_hint(top)}")
         else:
             raise ConfigError(
                 f"{path}: unknown key {_quote(top)} outside any section{_key_hint(top, None)}"
@@ -711,19 +716,20 @@ def _key_hint(name: str, section: str | None) -> str:
 
 
 def _section_hint(name: str) -> str:
+    if name in KEYS_BY_NAME:
+        return f" ({_quote(name)} is a key in [{KEYS_BY_NAME[name].section}])"
     match = difflib.get_close_matches(name, SECTIONS, n=1, cutoff=0.6)
     if match:
         return f" (did you mean [{match[0]}]?)"
-    if name in KEYS_BY_NAME:
-        return f" ({_quote(name)} is a key in [{KEYS_BY_NAME[name].section}])"
     return " (sections: " + ", ".join(f"[{s}]" for s in SECTIONS) + ")"
 
 
 def _env_hint(var: str) -> str:
-    candidates = [*_ENV_KEYS, *sorted(RESERVED_ENV)]
-    match = difflib.get_close_matches(var, candidates, n=1, cutoff=0.6)
+    # Compare what follows the prefix: the shared "TSECHOD_" would make anything look close.
+    candidates = {name.removeprefix(ENV_PREFIX): name for name in [*_ENV_KEYS, *sorted(RESERVED_ENV)]}
+    match = difflib.get_close_matches(var.removeprefix(ENV_PREFIX).upper(), candidates, n=1, cutoff=0.6)
     if match:
-        return f" (did you mean {match[0]}?)"
+        return f" (did you mean {candidates[match[0]]}?)"
     return " (TSECHOD_* variables must name a config key; see docs/configuration.md)"
 
 
@@ -779,7 +785,8 @@ def _toml_value(value: object, *, cut: bool = True) -> str:
     if isinstance(value, bool):
         shown = "true" if value else "false"
     elif isinstance(value, int):
-        shown = str(value) if abs(value) < 10**40 else f"{str(value)[:40]}..."
+        # str() of a huge int is slow or refused (sys.get_int_max_str_digits).
+        shown = str(value) if value.bit_length() <= 256 else f"<a {value.bit_length()}-bit integer>"
     elif isinstance(value, float):
         if math.isnan(value):
             shown = "nan"
