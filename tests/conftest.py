@@ -132,7 +132,7 @@ class Daemon:
         host, port = parse_listen(self.addresses[index])
         return socket.create_connection((host, port), timeout=timeout)
 
-    def signal(self, signum: int) -> None:
+    def send(self, signum: int) -> None:
         self.proc.send_signal(signum)
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 15.0) -> int:
@@ -179,7 +179,7 @@ def tsechod(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         daemon = Daemon(proc, stderr_path, config_path)
         started.append(daemon)
         if wait:
-            matches = daemon.wait_for_log(r"listening on (\S+)", count=len(listen))
+            matches = daemon.wait_for_log(r"listening on (\S+)", count=max(1, len(listen)))
             daemon.addresses = [m.group(1) for m in matches]
         return daemon
 

@@ -1,0 +1,130 @@
+"""An in-process EchoServer on 127.0.0.1:0, real client sockets, the clock fixed."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+
+from conftest import STAMP, recv_all, recv_lines, recv_until, wait_until
+
+from tsecho.server import EchoServer
+
+
+def test_echoes_each_line_with_timestamp(server: EchoServer) -> None:
+    with socket.create_connection(server.server_address, timeout=2) as sock:
+        sock.sendall(b"a\r\nb\n")
+        assert recv_until(sock, 2) == STAMP + b" a\r\n" + STAMP + b" b\n"
+
+
+def test_replies_to_one_read_leave_in_order(server: EchoServer) -> None:
+    lines = [b"line %d" % i for i in range(500)]
+    with socket.create_connection(server.server_address, timeout=5) as sock:
+        sock.sendall(b"\n".join(lines) + b"\n")
+        assert recv_lines(sock, 500) == [STAMP + b" " + line for line in lines]
+
+
+def test_many_concurrent_clients_each_get_their_own_replies(server: EchoServer) -> None:
+    failures: list[str] = []
+
+    def client(n: int) -> None:
+        try:
+            with socket.create_connection(server.server_address, timeout=10) as sock:
+                for i in range(10):
+                    sock.sendall(b"client %d line %d\n" % (n, i))
+                    [reply] = recv_lines(sock, 1)
+                    if reply != STAMP + b" client %d line %d" % (n, i):
+                        failures.append(repr(reply))
+        except OSError as err:
+            failures.append(f"client {n}: {err}")
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert failures == []
+
+
+def test_half_close_gets_the_partial_last_line_answered(server: EchoServer) -> None:
+    with socket.create_connection(server.server_address, timeout=2) as sock:
+        sock.sendall(b"one\npartial")
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_all(sock) == STAMP + b" one\n" + STAMP + b" partial\n"
+
+
+def test_idle_client_is_disconnected_after_timeout(server_factory) -> None:
+    server = server_factory(idle_timeout_s=0.3)
+    with socket.create_connection(server.server_address, timeout=5) as sock:
+        started = time.monotonic()
+        assert recv_all(sock) == b""
+        assert 0.25 < time.monotonic() - started < 3
+
+
+def test_too_long_line_gets_err_and_close(server_factory) -> None:
+    server = server_factory(max_line_bytes=10)
+    with socket.create_connection(server.server_address, timeout=2) as sock:
+        sock.sendall(b"short\n" + b"x" * 11 + b"\n")
+        assert recv_all(sock) == STAMP + b" short\n" + b"ERR line too long (max 10 bytes)\n"
+
+
+def test_shutdown_with_a_client_connected_finishes_within_the_timeout(server_factory) -> None:
+    server = server_factory(shutdown_timeout_s=2.0)
+    with socket.create_connection(server.server_address, timeout=5) as sock:
+        sock.sendall(b"before\n")
+        assert recv_lines(sock, 1) == [STAMP + b" before"]
+        wait_until(lambda: server.state.connections == 1)
+        started = time.monotonic()
+        server.state.begin_stop(2.0)
+        assert recv_all(sock) == b""  # our FIN, not a reset
+        sock.close()
+        assert server.state.wait_closed(3.0) == 0
+        assert time.monotonic() - started < 2.5
+
+
+def test_stop_answers_lines_already_received(server_factory) -> None:
+    server = server_factory(shutdown_timeout_s=2.0)
+    with socket.create_connection(server.server_address, timeout=5) as sock:
+        sock.sendall(b"first\n")
+        recv_lines(sock, 1)
+        # Park the handler in poll(), then queue lines and stop at once.
+        sock.sendall(b"queued 1\nqueued 2\n")
+        server.state.begin_stop(2.0)
+        data = recv_all(sock)
+    assert data.endswith(STAMP + b" queued 2\n") or data == STAMP + b" queued 1\n" + STAMP + b" queued 2\n"
+
+
+def test_peer_reset_mid_line_leaves_the_server_serving(server: EchoServer) -> None:
+    sock = socket.create_connection(server.server_address, timeout=2)
+    sock.sendall(b"half a li")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # SO_LINGER 0: RST
+    with socket.create_connection(server.server_address, timeout=2) as other:
+        other.sendall(b"still here\n")
+        assert recv_lines(other, 1) == [STAMP + b" still here"]
+    wait_until(lambda: server.state.connections == 0)
+
+
+def test_status_counts_connections_and_lines(server: EchoServer) -> None:
+    with socket.create_connection(server.server_address, timeout=2) as sock:
+        sock.sendall(b"a\nb\nc\n")
+        recv_lines(sock, 3)
+        assert server.state.status() == "1 connections, 3 lines, 0 refused"
+    wait_until(lambda: server.state.connections == 0)
+    assert server.state.status() == "0 connections, 3 lines, 0 refused"
+
+
+def test_over_max_connections_gets_busy_without_a_thread(server_factory) -> None:
+    server = server_factory(max_connections=2)
+    held = [socket.create_connection(server.server_address, timeout=2) for _ in range(2)]
+    try:
+        wait_until(lambda: server.state.connections == 2)
+        threads = threading.active_count()
+        with socket.create_connection(server.server_address, timeout=2) as extra:
+            assert recv_all(extra) == b"ERR server busy\n"
+        assert threading.active_count() == threads
+        assert server.state.refused == 1
+    finally:
+        for sock in held:
+            sock.close()
