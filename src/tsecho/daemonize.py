@@ -280,49 +280,46 @@ class PidFile:
     def release(self) -> None:
         """Remove the file and unlock, if this process owns it; else just close.
 
-        Owner means: the process that acquired or wrote it (or the daemon, once
-        ``detach(pidfile=...)`` handed it over), and the file at *path* is
-        still our inode holding our PID (or still empty). The lock belongs to
-        the open file description, shared by every forked copy of the fd, so a
-        non-owner must not ``LOCK_UN`` (that would unlock the daemon); it only
-        closes its fd. The owner unlinks *before* unlocking, so nobody can lock
-        the file just before it disappears (``acquire`` checks the inode for
-        the same race). Safe to call twice.
+        The owner is the process that acquired or wrote the file (the daemon,
+        once ``detach(pidfile=...)`` handed it over). The lock belongs to the
+        open file description, shared by every forked copy of the fd, so a
+        non-owner (the original process after ``detach``, a forked worker)
+        must not ``LOCK_UN``, which would unlock the daemon; it only closes
+        its fd. The owner unlinks the file only if *path* is still our inode
+        and holds our PID (or nothing), and unlinks *before* unlocking, so
+        nobody locks the file just before it disappears (``acquire`` checks
+        the inode for that race). Safe to call twice.
         """
         fd, self._fd = self._fd, None
         if fd is None:
             return
         try:
-            if self._owner_pid == os.getpid() and self._still_ours(fd):
-                try:
-                    os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
-                except OSError as err:
-                    # E.g. after --user the daemon can't write /run/tsechod
-                    # when root owns it. Emptying the file keeps a dead PID
-                    # out of it; the next start takes it over (no lock).
-                    logger.warning(
-                        "cannot remove pid file %s: %s; emptied it instead",
-                        self.path,
-                        err.strerror,
-                    )
-                    os.ftruncate(fd, 0)
+            if self._owner_pid == os.getpid():
+                self._remove_if_ours(fd)
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
 
-    def _still_ours(self, fd: int) -> bool:
+    def _remove_if_ours(self, fd: int) -> None:
+        pid = _read_pid(fd)
+        if pid is not None and pid != os.getpid():
+            logger.warning("pid file %s names PID %d, not us; leaving it", self.path, pid)
+            return
         try:
             if os.stat(self.path).st_ino != os.fstat(fd).st_ino:
-                return False
+                return  # replaced by someone else: not ours to remove
+            os.unlink(self.path)
         except FileNotFoundError:
-            return False
-        pid = _read_pid(fd)
-        if pid is None or pid == os.getpid():
-            return True
-        logger.warning("pid file %s now names PID %d, not us; leaving it", self.path, pid)
-        return False
+            pass
+        except OSError as err:
+            # E.g. after --user the daemon may not write (or even search) the
+            # directory when root owns it. Emptying the file through our fd
+            # keeps a dead PID out of it; the next start takes it over, since
+            # nobody holds the lock.
+            logger.warning(
+                "cannot remove pid file %s: %s; emptied it instead", self.path, err.strerror
+            )
+            os.ftruncate(fd, 0)
 
     def _hand_over(self, to_this_process: bool) -> None:
         """Called by ``detach`` right after forking, in both processes."""
