@@ -354,3 +354,80 @@ def test_shipped_config_serves_with_defaults(tsechod) -> None:
             sock.sendall(b"hello python\n")
             [reply] = recv_lines(sock, 1)
         assert CTIME_REPLY.match(reply) and reply.endswith(b"] hello python")
+
+
+# -- classic daemon mode (--daemon) ---------------------------------------------------------------
+
+
+def daemon_config(tmp_path: Path, extra: str = "") -> Path:
+    config = tmp_path / "d.toml"
+    config.write_text(f"[server]\nlisten = [\"127.0.0.1:0\"]\n[log]\nlog_target = \"file\"\n"
+                      f"log_file = \"d.log\"\n[daemon]\npid_file = \"d.pid\"\n{extra}")
+    return config
+
+
+def test_daemon_mode_detaches_writes_pidfile_and_removes_it_on_sigterm(tmp_path: Path) -> None:
+    config = daemon_config(tmp_path)
+    result = run_tsechod("--config", str(config), "--daemon")
+    assert result.returncode == 0, result.stderr
+    pid = int((tmp_path / "d.pid").read_text())
+    try:
+        assert Path(f"/proc/{pid}").exists()
+        # The parent returned only once the daemon was listening: connect right away.
+        port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", (tmp_path / "d.log").read_text()).group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"daemonized\n")
+            assert recv_lines(sock, 1)[0].endswith(b"] daemonized")
+        assert Path(f"/proc/{pid}/cwd").resolve() == Path("/")
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert re.search(r"^Umask:\s+0027$", status, re.M)
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not (tmp_path / "d.pid").exists())
+    wait_until(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2])
+    assert "stopped" in (tmp_path / "d.log").read_text()
+
+
+def test_daemon_mode_refuses_a_live_pidfile_and_replaces_a_stale_one(tmp_path: Path) -> None:
+    config = daemon_config(tmp_path)
+    (tmp_path / "d.pid").write_text("999999\n")  # stale: no process holds its lock
+    assert run_tsechod("--config", str(config), "--daemon").returncode == 0
+    pid = int((tmp_path / "d.pid").read_text())
+    try:
+        second = run_tsechod("--config", str(config), "--daemon")
+        assert second.returncode == 1
+        assert second.stderr.strip() == (f"tsechod: already running as PID {pid} (pid file {tmp_path / 'd.pid'}); "
+                                         "stop it first, or use --pid-file")
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not (tmp_path / "d.pid").exists())
+
+
+def test_daemon_mode_startup_failure_is_reported_by_the_parent(tmp_path: Path) -> None:
+    config = daemon_config(tmp_path, "user = \"no-such-user-tsecho\"\n")
+    result = run_tsechod("--config", str(config), "--daemon")
+    assert result.returncode == 1
+    assert "unknown user 'no-such-user-tsecho'" in result.stderr
+    assert not (tmp_path / "d.pid").exists()
+
+
+def test_daemon_mode_is_refused_under_systemd(tmp_path: Path) -> None:
+    result = run_tsechod("--config", str(daemon_config(tmp_path)), "--daemon", env={"INVOCATION_ID": "abc"})
+    assert result.returncode == 2
+    assert "--daemon" in result.stderr and "systemd" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_root_drops_to_user_and_group_after_binding(tmp_path: Path) -> None:
+    config = daemon_config(tmp_path, "user = \"nobody\"\ngroup = \"nogroup\"\n")
+    os.chmod(tmp_path, 0o755)
+    result = run_tsechod("--config", str(config), "--daemon")
+    assert result.returncode == 0, result.stderr
+    pid = int((tmp_path / "d.pid").read_text())
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        uid = re.search(r"^Uid:\s+(.*)$", status, re.M).group(1).split()
+        assert set(uid) == {"65534"}
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not Path(f"/proc/{pid}").exists())

@@ -20,7 +20,8 @@ from typing import Final
 
 from . import __version__, systemd
 from .config import Config, ConfigError, find_config_path, format_config, load_config, load_config_with_sources
-from .logsetup import configure_logging, log_fds
+from .daemonize import DaemonizeError, ParentOutcome, PidFile, StartupReport, detach, drop_privileges, refuse_under_systemd
+from .logsetup import configure_logging, log_fds, log_file_stream
 from .server import ListenError, ServerState, open_servers
 from .service import Service
 
@@ -28,7 +29,16 @@ logger = logging.getLogger("tsecho.cli")
 
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
+EXIT_USAGE: Final = 2
 EXIT_CONFIG: Final = 78
+
+class UsageError(Exception):
+    """The command line asks for something that can't work here (exit 2)."""
+
+
+class StartupFailed(Exception):
+    """The detached daemon reported that it could not start (exit 1)."""
+
 
 # Flags that override a config key: flag name -> Config field.
 OVERRIDE_FLAGS: Final = {
@@ -85,7 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"tsechod: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    except (ListenError, OSError) as err:
+    except UsageError as err:
+        print(f"tsechod: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ListenError, DaemonizeError, StartupFailed, OSError) as err:
         if environ.get("TSECHOD_DEBUG") == "1":
             raise
         print(f"tsechod: {err}", file=sys.stderr)
@@ -101,27 +114,51 @@ def check_config(explicit: str | None, environ: Mapping[str, str], overrides: Ma
 
 
 def run(explicit: str | None, environ: Mapping[str, str], overrides: Mapping[str, object], daemon: bool) -> int:
+    """Start up in the documented order and serve until stopped; return the exit code."""
     path = find_config_path(explicit, environ)
 
     def load() -> Config:
         return load_config(path, environ, overrides)  # type: ignore[arg-type]
 
     config = load()
+    if daemon and (reason := refuse_under_systemd(environ)):
+        raise UsageError(reason)
     try:
         configure_logging(config, environ)
     except OSError as err:
         raise OSError(f"cannot open log file {config.log_file}: {err.strerror or err}") from err
     raise_fd_limit()
     with contextlib.ExitStack() as stack:
+        pidfile = stack.enter_context(PidFile(config.pid_file)) if config.pid_file else None
         state = ServerState(config)
         stack.callback(state.close)
         inherited = systemd.listen_fds(os.environ)
         servers = open_servers(config, state, inherited)
         for server in servers:
             stack.callback(server.server_close)
-            how = " (socket activation)" if inherited else ""
-            logger.info("listening on %s%s", server.address, how)
-        service = Service(servers, state, load, watchdog_s=systemd.watchdog_interval_s(environ))
+            logger.info("listening on %s%s", server.address, " (socket activation)" if inherited else "")
+        startup: StartupReport | None = None
+        if daemon:
+            if config.log_target == "stderr":
+                logger.warning("--daemon with log_target = \"stderr\": logs are discarded once detached; "
+                               "set log_target = \"file\" or \"syslog\"")
+            fds = [*(s.fileno() for s in servers), *log_fds(), *state.fds()]
+            outcome = detach(fds, log_file_stream(), pidfile=pidfile)
+            if isinstance(outcome, ParentOutcome):  # the process the user started
+                if not outcome.started:
+                    raise StartupFailed(outcome.message or "the daemon failed to start")
+                return EXIT_OK
+            startup = outcome
+        try:
+            if pidfile is not None:
+                pidfile.write()
+            drop_privileges(config.user, config.group)
+        except DaemonizeError as err:
+            if startup is not None:
+                startup.failed(str(err))
+            raise
+        service = Service(servers, state, load, watchdog_s=systemd.watchdog_interval_s(environ),
+                          on_ready=startup.ready if startup is not None else None)
         return service.run_until_stopped()
 
 

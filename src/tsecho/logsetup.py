@@ -178,6 +178,14 @@ def log_fds() -> list[int]:
     return fds
 
 
+def log_file_stream() -> IO[str] | None:
+    """The log file's stream when logging to a file (a daemon's stdout and stderr go there)."""
+    for handler in _installed:
+        if isinstance(handler, ReopenableFileHandler):
+            return handler.stream
+    return None
+
+
 def reopen_logs() -> None:
     """Reopen log files (SIGUSR1, after logrotate moved them away)."""
     for handler in list(_installed):

@@ -61,6 +61,10 @@ class ServerState:
         self._refusal_window_start = time.monotonic()
         self._fd_warning_at = 0.0
 
+    def fds(self) -> list[int]:
+        """The descriptors this state holds open (a daemonizing step must keep them)."""
+        return [self._stop_r, self._stop_w]
+
     @property
     def stop_fd(self) -> int:
         return self._stop_r

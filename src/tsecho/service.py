@@ -44,12 +44,14 @@ class Service:
         load_config: Callable[[], Config],
         notify: Notify = systemd.notify,
         watchdog_s: float | None = None,
+        on_ready: Callable[[], object] | None = None,
     ) -> None:
         self.servers = list(servers)
         self.state = state
         self.load_config = load_config
         self.notify = notify
         self.watchdog_s = watchdog_s
+        self.on_ready = on_ready
         self._acceptors: list[threading.Thread] = []
         self._alive_at: dict[EchoServer, float] = {}
 
@@ -143,6 +145,8 @@ class Service:
             signal.signal(handled, lambda s, _frame: received.put_nowait(s))
         self.start()
         self.notify("READY=1")
+        if self.on_ready is not None:
+            self.on_ready()
         self.notify(f"STATUS={self.state.status()}")
         tick_s = STATUS_EVERY_S
         if self.watchdog_s:
