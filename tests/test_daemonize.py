@@ -12,9 +12,10 @@ and signals sent through it can't hit a recycled PID.
 from __future__ import annotations
 
 import fcntl
+import grp
+import io
 import os
 import pwd
-import grp
 import select
 import signal
 import socket
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -409,6 +411,20 @@ def _holds(pid: int, path: Path) -> bool:
         return any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(path) for fd in os.listdir(f"/proc/{pid}/fd"))
     except (FileNotFoundError, PermissionError, ProcessLookupError):
         return False
+
+
+def test_detach_refuses_before_forking_when_it_cannot_work(tmp_path: Path) -> None:
+    with pytest.raises(daemonize.DetachError, match="has no file descriptor"):
+        daemonize.detach([], io.StringIO())
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait, args=(TIMEOUT_S,), name="tsecho-test-worker")
+    worker.start()
+    try:
+        with pytest.raises(daemonize.DetachError, match=r"^cannot detach with other threads running \(.*tsecho-test-worker"):
+            daemonize.detach([], None)
+    finally:
+        stop.set()
+        worker.join(TIMEOUT_S)
 
 
 # --- privileges ----------------------------------------------------------------------

@@ -90,6 +90,7 @@ import os
 import pwd
 import select
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -425,7 +426,8 @@ def detach(
     ``main()``. The intermediate processes never return (``os._exit``).
 
     Raises ``DetachError`` (in the original process, nothing forked yet) if
-    the status pipe or the first fork fails or *stdout_stderr_to* has no fd.
+    other threads run, the status pipe or the first fork fails, or
+    *stdout_stderr_to* has no fd.
     A failure inside ``DaemonContext.open()`` is reported through the pipe.
     """
     keep = list(preserve_fds)
@@ -439,6 +441,11 @@ def detach(
                 f"cannot send the daemon's stdout/stderr to {stdout_stderr_to!r}: "
                 "it has no file descriptor"
             ) from err
+    if threading.active_count() > 1:
+        # fork() copies only this thread: the others would silently be gone in
+        # the daemon (and Python 3.12+ warns, an error under -W error).
+        names = ", ".join(t.name for t in threading.enumerate() if t is not threading.current_thread())
+        raise DetachError(f"cannot detach with other threads running ({names}); detach first")
     # Buffered output would otherwise be written twice, once by each process.
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:
@@ -494,6 +501,8 @@ def detach(
 
 def _wait_for_report(read_fd: int, timeout_s: float) -> ParentOutcome:
     deadline = time.monotonic() + timeout_s
+    poller = select.poll()
+    poller.register(read_fd, select.POLLIN)
     data = b""
     while b"\n" not in data:
         remaining = deadline - time.monotonic()
@@ -503,8 +512,8 @@ def _wait_for_report(read_fd: int, timeout_s: float) -> ParentOutcome:
                 f"the daemon did not report ready within {timeout_s:g} s; it may "
                 "still be starting (see its log, and the pid file)",
             )
-        readable, _, _ = select.select([read_fd], [], [], remaining)
-        if not readable:
+        # poll, not select: select() can't watch an fd above 1023.
+        if not poller.poll(remaining * 1000):
             continue
         chunk = os.read(read_fd, 4096)
         if not chunk:
