@@ -636,6 +636,46 @@ def test_pid_file_that_cannot_be_opened_is_a_one_line_error(
     assert str(info.value) == message.format(path=path)
 
 
+@needs_root
+def test_running_instance_is_reported_even_to_a_user_who_cannot_write_its_pid_file(shared_dir: Path) -> None:
+    pid_path = shared_dir / "tsechod.pid"
+    with daemonize.PidFile(pid_path) as pidfile:  # root's instance, file mode 0644
+        pidfile.write()
+        proc = run_python(
+            f"""
+            import os
+            from tsecho.daemonize import DaemonizeError, PidFile
+            os.setgroups([]); os.setgid(65534); os.setuid(65534)
+            try:
+                PidFile({str(pid_path)!r}).acquire()
+            except DaemonizeError as err:
+                print(type(err).__name__, err)
+            """
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == (
+        f"AlreadyRunningError already running as PID {os.getpid()} (pid file {pid_path}); "
+        "stop it first, or use --pid-file\n"
+    )
+    # Not running: then it is a plain permission problem.
+    pid_path.write_text("")
+    proc = run_python(
+        f"""
+        import os
+        from tsecho.daemonize import DaemonizeError, PidFile
+        os.setgroups([]); os.setgid(65534); os.setuid(65534)
+        try:
+            PidFile({str(pid_path)!r}).acquire()
+        except DaemonizeError as err:
+            print(type(err).__name__, err)
+        """
+    )
+    assert proc.stdout == (
+        f"PidFileError cannot open pid file {pid_path}: Permission denied "
+        "(start as root, or use --pid-file with a writable path)\n"
+    )
+
+
 # --- systemd -------------------------------------------------------------------------
 
 

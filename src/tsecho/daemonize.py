@@ -36,23 +36,46 @@ returns 1.
 
 How cli/service use it (the startup order of STYLE.md section 3)::
 
-    reason = refuse_under_systemd(os.environ)      # only with --daemon
-    if reason: print(f"tsechod: {reason}", file=sys.stderr); return 2 (usage)
+    if args.daemon and (reason := refuse_under_systemd(os.environ)):
+        print(f"tsechod: {reason}", file=sys.stderr); return 2
     config = load_config(...); configure_logging(config)
-    with contextlib.ExitStack() as stack:
-        pidfile = stack.enter_context(PidFile(config.pid_file))  # may raise
-        server = stack.enter_context(EchoServer(...))             # bind
-        if daemon:
-            result = detach([server.fileno(), *log_fds],
-                            log_stream_or_None, pidfile=pidfile)
-            if isinstance(result, ParentOutcome):   # the original process
-                return 0 if result.started else report(result.message)
-            startup = result                        # we are the daemon now
-        pidfile.write()                             # os.getpid()
-        drop_privileges(config.user, config.group)
-        ... install signal handlers, start serving ...
-        startup.ready()     # or startup.failed(str(err)) on any error
-        return run_until_stopped(...)
+    startup = None
+    try:
+        with contextlib.ExitStack() as stack:
+            pidfile = None
+            if config.pid_file:                      # may raise AlreadyRunningError
+                pidfile = stack.enter_context(PidFile(config.pid_file))
+            servers = bind_all(...)                  # may raise OSError
+            if args.daemon:
+                result = detach([*listener_fds, *log_file_fds],
+                                log_file_stream_or_None, pidfile=pidfile)
+                if isinstance(result, ParentOutcome):  # the original process
+                    if not result.started:
+                        print(f"tsechod: {result.message}", file=sys.stderr)
+                    return 0 if result.started else 1
+                startup = result                     # the daemon from here on
+            if pidfile:
+                pidfile.write()                      # this PID
+            drop_privileges(config.user, config.group)
+            ... signal handlers, serve_forever thread ...
+            if startup:
+                startup.ready()                      # next to notify("READY=1")
+            ...run until stopped...
+    except (DaemonizeError, OSError, ...) as err:
+        # Outside the `with`: the pid file is already removed and the
+        # listeners closed when the original process hears about it.
+        if startup:
+            startup.failed(str(err))                 # printed by the original
+        else:
+            print(f"tsechod: {err}", file=sys.stderr)
+        return 1
+
+With ``--daemon`` and ``log_target = "stderr"`` pass ``None`` (stderr is
+the terminal, which the daemon leaves), so logs go to ``/dev/null``:
+refusing that combination, or warning before detaching, is cli's call.
+Every fd a live Python object still owns must be preserved or closed before
+``detach``: python-daemon closes the raw fd, and when the object is later
+collected it closes whatever new file got that fd number in the meantime.
 
 Process tree: ``detach`` forks once itself, then ``DaemonContext.open()``
 double-forks (fork, setsid, fork) in that child, because python-daemon's
@@ -211,6 +234,8 @@ class PidFile:
                     PID_FILE_MODE,
                 )
             except OSError as err:
+                if err.errno == errno.EACCES:
+                    self._raise_if_locked()  # e.g. root's instance runs
                 raise PidFileError(
                     f"cannot open pid file {self.path}: {err.strerror}"
                     + _pidfile_hint(err)
@@ -254,6 +279,21 @@ class PidFile:
         os.ftruncate(fd, 0)
         self._fd = fd
         self._owner_pid = os.getpid()
+
+    def _raise_if_locked(self) -> None:
+        """Raise AlreadyRunningError if someone holds the lock; we may only read."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlreadyRunningError(_read_pid(fd), self.path) from None
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def write(self, pid: int | None = None) -> None:
         """Record *pid* (default: this process) and make this process the owner.
