@@ -276,7 +276,11 @@ class PidFile:
             )
         # Empty until write(): a stale PID must never be read as ours (and
         # `kill $(cat pidfile)` must not hit whatever process reused it).
-        os.ftruncate(fd, 0)
+        try:
+            os.ftruncate(fd, 0)
+        except OSError as err:
+            os.close(fd)
+            raise PidFileError(f"cannot write pid file {self.path}: {err.strerror}") from err
         self._fd = fd
         self._owner_pid = os.getpid()
 
