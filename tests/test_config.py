@@ -417,3 +417,487 @@ def test_config_error_always_starts_with_its_prefix() -> None:
     assert str(ConfigError("config error: x: y")) == "config error: x: y"
     assert str(ConfigError("a\nb")) == "config error: a\\nb"
 
+
+
+# --------------------------------------------------------------------------
+# Accepted values
+
+FILE_VALUES = [
+    ("[server]\nidle_timeout_s = 5\n", "idle_timeout_s", 5.0),
+    ("[server]\nshutdown_timeout_s = 0\n", "shutdown_timeout_s", 0.0),
+    ("[server]\nidle_timeout_s = 0.25\n", "idle_timeout_s", 0.25),
+    ("[server]\nbacklog = 1_000\n", "backlog", 1000),
+    ("[server]\nbacklog = 65535\n", "backlog", 65535),
+    ('[server]\nworkers = "auto"\n', "workers", min(os.cpu_count() or 1, 256)),
+    ('[server]\nworkers = "AUTO"\n', "workers", min(os.cpu_count() or 1, 256)),
+    ("[server]\nworkers = 256\n", "workers", 256),
+    ('[server]\nlisten = "127.0.0.1:0"\n', "listen", (ListenAddress("127.0.0.1", 0),)),
+    ('[server]\nlisten = ["0.0.0.0:8009", "[::]:8009"]\n', "listen",
+     (ListenAddress("0.0.0.0", 8009), ListenAddress("::", 8009))),
+    ('[server]\nlisten = ["Localhost:7", "[0:0::1]:65535"]\n', "listen",
+     (ListenAddress("localhost", 7), ListenAddress("::1", 65535))),
+    ('[echo]\ntimestamp = "ISO"\n', "timestamp", "iso"),
+    ('[echo]\ntimestamp = "epoch"\n', "timestamp", "epoch"),
+    ('[echo]\ntimestamp = "%Y-%m-%d %H:%M:%S.%f"\n', "timestamp", "%Y-%m-%d %H:%M:%S.%f"),
+    ('[echo]\ntimestamp = "100%%"\n', "timestamp", "100%%"),
+    ('[echo]\ntimestamp = "%H時%M分"\n', "timestamp", "%H時%M分"),
+    ("[echo]\nutc = true\n", "utc", True),
+    ("[echo]\ntelnet = false\n", "telnet", False),
+    ("[echo]\nmax_line_bytes = 16777216\n", "max_line_bytes", 16777216),
+    ("[echo]\nmax_line_bytes = 1\n", "max_line_bytes", 1),
+    ('[log]\nlog_level = "WARNING"\n', "log_level", "warning"),
+    ('[log]\nlog_format = "JSON"\n', "log_format", "json"),
+    ('[log]\nlog_target = "syslog"\n', "log_target", "syslog"),
+    ('[log]\nlog_file = "/var/log/tsechod/t.log"\n', "log_file", Path("/var/log/tsechod/t.log")),
+    ("[limits]\nmax_connections = 1\n", "max_connections", 1),
+    ("[limits]\nmax_connections_per_ip = 100000\n", "max_connections_per_ip", 100000),
+    ("[limits]\nline_timeout_s = 31536000\n", "line_timeout_s", 31536000.0),
+    ('[daemon]\nuser = "tsechod"\n', "user", "tsechod"),
+    ('[daemon]\ngroup = "65534"\n', "group", "65534"),
+    ('[daemon]\npid_file = "/run/t.pid"\n', "pid_file", Path("/run/t.pid")),
+    ("", "backlog", 1024),
+    ("# only a comment\n[server]\n[echo]\n", "backlog", 1024),
+    ("server.backlog = 9\n", "backlog", 9),
+]
+
+
+@pytest.mark.parametrize(("text", "name", "expected"), FILE_VALUES, ids=[t for t, _, _ in FILE_VALUES])
+def test_file_values_are_converted_and_normalised(tmp_path, text, name, expected) -> None:
+    config = load_config(write(tmp_path, text), {})
+    value = getattr(config, name)
+    assert value == expected and type(value) is type(expected)
+
+
+TEXT_VALUES = [
+    ("backlog", " 12 ", 12),
+    ("backlog", "+12", 12),
+    ("idle_timeout_s", "5", 5.0),
+    ("idle_timeout_s", "0.5", 0.5),
+    ("idle_timeout_s", ".5", 0.5),
+    ("idle_timeout_s", "1e3", 1000.0),
+    ("shutdown_timeout_s", "0", 0.0),
+    ("workers", "auto", min(os.cpu_count() or 1, 256)),
+    ("workers", "3", 3),
+    ("listen", "127.0.0.1:0, [::1]:0", (ListenAddress("127.0.0.1", 0), ListenAddress("::1", 0))),
+    ("listen", "127.0.0.1:0,", (ListenAddress("127.0.0.1", 0),)),
+    ("timestamp", "%s.%f", "%s.%f"),
+    ("log_level", "DEBUG", "debug"),
+    ("log_file", "/tmp/x.log", Path("/tmp/x.log")),
+    ("user", "nobody", "nobody"),
+] + [("utc", word, True) for word in ("true", "TRUE", "yes", "Yes", "1", "on", " on ")] + [
+    ("telnet", word, False) for word in ("false", "False", "no", "NO", "0", "off")
+]
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), TEXT_VALUES)
+def test_environment_and_flag_text_is_converted(name, text, expected) -> None:
+    env_value = getattr(load_config(None, {KEYS_BY_NAME[name].env: text}), name)
+    flag_value = getattr(load_config(None, {}, {name: text}), name)
+    assert env_value == flag_value == expected
+    assert type(env_value) is type(expected)
+
+
+def test_listen_flag_is_repeatable_and_takes_comma_lists() -> None:
+    config = load_config(None, {}, {"listen": ["127.0.0.1:1", "[::1]:2,127.0.0.2:3"]})
+    assert [str(a) for a in config.listen] == ["127.0.0.1:1", "[::1]:2", "127.0.0.2:3"]
+
+
+def test_flags_that_were_not_given_change_nothing() -> None:
+    overrides = {"listen": None, "log_level": None, "workers": None, "user": None}
+    assert load_config(None, {}, overrides) == Config()  # type: ignore[arg-type]
+    assert load_config(None, {}, {"listen": []}) == Config()
+    assert load_config(None, {}, None) == Config()
+
+
+# --------------------------------------------------------------------------
+# Precedence and sources: default < file < env < flag, for every key
+
+# name -> (TOML literal, env/flag text, value from the TOML, value from the text)
+SAMPLES: dict[str, tuple[str, str, object, object]] = {
+    "listen": ('["127.0.0.1:1"]', "[::1]:2", (ListenAddress("127.0.0.1", 1),), (ListenAddress("::1", 2),)),
+    "backlog": ("10", "20", 10, 20),
+    "idle_timeout_s": ("1.5", "2.5", 1.5, 2.5),
+    "shutdown_timeout_s": ("0", "3", 0.0, 3.0),
+    "workers": ("2", "3", 2, 3),
+    "timestamp": ('"iso"', "epoch", "iso", "epoch"),
+    "utc": ("true", "no", True, False),
+    "telnet": ("false", "yes", False, True),
+    "max_line_bytes": ("100", "200", 100, 200),
+    "log_target": ('"syslog"', "stderr", "syslog", "stderr"),
+    "log_file": ('"/f/a.log"', "/e/b.log", Path("/f/a.log"), Path("/e/b.log")),
+    "log_format": ('"json"', "text", "json", "text"),
+    "log_level": ('"debug"', "error", "debug", "error"),
+    "max_connections": ("5", "6", 5, 6),
+    "max_connections_per_ip": ("7", "8", 7, 8),
+    "line_timeout_s": ("9", "10.5", 9.0, 10.5),
+    "send_timeout_s": ("11", "12", 11.0, 12.0),
+    "pid_file": ('"/f/t.pid"', "/e/t.pid", Path("/f/t.pid"), Path("/e/t.pid")),
+    "user": ('"alice"', "bob", "alice", "bob"),
+    "group": ('"staff"', "wheel", "staff", "wheel"),
+}
+
+
+def test_samples_cover_every_key() -> None:
+    assert set(SAMPLES) == set(KEYS_BY_NAME)
+
+
+@pytest.mark.parametrize("key", KEYS, ids=lambda k: k.name)
+def test_precedence_is_default_then_file_then_env_then_flag(tmp_path, key) -> None:
+    literal, text, from_file, from_text = SAMPLES[key.name]
+    path = write(tmp_path, f"[{key.section}]\n{key.name} = {literal}\n")
+    other_text = "127.0.0.1:3" if key.name == "listen" else text
+
+    config, sources = load_config_with_sources(None, {})
+    assert (getattr(config, key.name), sources[key.name]) == (key.default, "default")
+
+    config, sources = load_config_with_sources(path, {})
+    assert (getattr(config, key.name), sources[key.name]) == (from_file, f"file {path}")
+    assert all(src == "default" for name, src in sources.items() if name != key.name)
+
+    config, sources = load_config_with_sources(path, {key.env: text})
+    assert (getattr(config, key.name), sources[key.name]) == (from_text, f"env {key.env}")
+
+    flag = "--" + key.name.replace("_", "-")
+    config, sources = load_config_with_sources(path, {key.env: other_text}, {key.name: text})
+    assert (getattr(config, key.name), sources[key.name]) == (from_text, f"flag {flag}")
+    if key.flag_name:
+        assert key.flag_name == flag
+
+
+def test_sources_name_each_layer_in_one_load(tmp_path) -> None:
+    path = write(tmp_path, "[server]\nbacklog = 5\nidle_timeout_s = 6\nworkers = 2\n")
+    environ = {"TSECHOD_IDLE_TIMEOUT_S": "7", "TSECHOD_WORKERS": "3"}
+    config, sources = load_config_with_sources(path, environ, {"workers": "4"})
+    assert (config.backlog, config.idle_timeout_s, config.workers, config.shutdown_timeout_s) == (5, 7.0, 4, 10.0)
+    assert sources["backlog"] == f"file {path}"
+    assert sources["idle_timeout_s"] == "env TSECHOD_IDLE_TIMEOUT_S"
+    assert sources["workers"] == "flag --workers"
+    assert sources["shutdown_timeout_s"] == "default"
+
+
+def test_a_bad_file_value_is_an_error_even_when_env_overrides_it(tmp_path) -> None:
+    path = write(tmp_path, "[server]\nbacklog = 0\n")
+    with pytest.raises(ConfigError, match=r"\[server\] backlog = 0: must be"):
+        load_config(path, {"TSECHOD_BACKLOG": "5"})
+
+
+# --------------------------------------------------------------------------
+# Relative paths
+
+def test_relative_paths_in_the_file_resolve_against_its_directory(tmp_path) -> None:
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir()
+    path = write(conf_dir, '[log]\nlog_file = "logs/t.log"\n[daemon]\npid_file = "../run/t.pid"\n')
+    config = load_config(path, {})
+    assert config.log_file == conf_dir / "logs" / "t.log"
+    assert config.pid_file == conf_dir / ".." / "run" / "t.pid"
+
+
+def test_relative_config_path_still_gives_absolute_paths(tmp_path, monkeypatch) -> None:
+    (tmp_path / "etc").mkdir()
+    write(tmp_path / "etc", '[log]\nlog_file = "t.log"\n')
+    monkeypatch.chdir(tmp_path)
+    config = load_config(Path("etc/tsechod.toml"), {})
+    assert config.log_file == tmp_path / "etc" / "t.log"
+
+
+def test_absolute_paths_in_the_file_are_kept(tmp_path) -> None:
+    path = write(tmp_path, '[log]\nlog_file = "/var/log/t.log"\n')
+    assert load_config(path, {}).log_file == Path("/var/log/t.log")
+
+
+def test_relative_paths_from_env_and_flags_resolve_against_the_current_directory(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, {"TSECHOD_LOG_FILE": "a.log"}, {"pid_file": "run/t.pid"})
+    assert config.log_file == tmp_path / "a.log"
+    assert config.pid_file == tmp_path / "run" / "t.pid"
+
+
+# --------------------------------------------------------------------------
+# Finding the file
+
+def test_explicit_path_wins_over_environment_and_default(tmp_path) -> None:
+    a, b, c = write(tmp_path, "", "a.toml"), write(tmp_path, "", "b.toml"), write(tmp_path, "", "c.toml")
+    assert find_config_path(str(a), {"TSECHOD_CONFIG": str(b)}, default=c) == a
+    assert find_config_path(None, {"TSECHOD_CONFIG": str(b)}, default=c) == b
+    assert find_config_path(None, {}, default=c) == c
+    assert find_config_path(None, {"TSECHOD_CONFIG": ""}, default=c) == c
+
+
+def test_no_file_anywhere_means_defaults(tmp_path) -> None:
+    assert find_config_path(None, {}, default=tmp_path / "missing.toml") is None
+    assert find_config_path(None, {}, default=tmp_path / "not-a-dir.toml" / "x.toml") is None
+
+
+def test_the_default_path_is_the_documented_one() -> None:
+    assert DEFAULT_CONFIG_PATH == Path("/etc/tsechod/tsechod.toml")
+    expected = DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+    assert find_config_path(None, {}) == expected
+
+
+@pytest.mark.parametrize(
+    ("explicit", "environ", "message"),
+    [
+        ("{d}/missing.toml", {}, "--config={d}/missing.toml: no such file"),
+        (None, {"TSECHOD_CONFIG": "{d}/missing.toml"}, "environment TSECHOD_CONFIG={d}/missing.toml: no such file"),
+        ("", {}, "--config='': needs a file path"),
+        ("{d}/x.toml/y.toml", {}, "--config={d}/x.toml/y.toml: Not a directory"),
+    ],
+)
+def test_a_named_config_file_that_does_not_exist_is_an_error(tmp_path, explicit, environ, message) -> None:
+    write(tmp_path, "", "x.toml")
+    explicit = None if explicit is None else explicit.format(d=tmp_path)
+    environ = {k: v.format(d=tmp_path) for k, v in environ.items()}
+    with pytest.raises(ConfigError) as info:
+        find_config_path(explicit, environ, default=tmp_path / "x.toml")
+    assert str(info.value) == "config error: " + message.format(d=tmp_path)
+
+
+# --------------------------------------------------------------------------
+# check-config output
+
+def test_check_config_output_is_toml_with_a_source_comment_on_every_key(tmp_path) -> None:
+    path = write(tmp_path, "[server]\nbacklog = 5\n")
+    config, sources = load_config_with_sources(path, {"TSECHOD_UTC": "yes"}, {"log_level": "debug"})
+    text = format_config(config, sources)
+    assert tomllib.loads(text) == {
+        "server": {"listen": ["127.0.0.1:8009", "[::1]:8009"], "backlog": 5, "idle_timeout_s": 300.0,
+                   "shutdown_timeout_s": 10.0, "workers": 1},
+        "echo": {"timestamp": "ctime", "utc": True, "telnet": True, "max_line_bytes": 65536},
+        "log": {"log_target": "stderr", "log_format": "text", "log_level": "debug"},
+        "limits": {"max_connections": 1024, "max_connections_per_ip": 64, "line_timeout_s": 120.0,
+                   "send_timeout_s": 30.0},
+        "daemon": {},
+    }
+    lines = text.splitlines()
+    assert f"backlog = 5  # file {path}" in lines
+    assert "utc = true  # env TSECHOD_UTC" in lines
+    assert 'log_level = "debug"  # flag --log-level' in lines
+    assert "idle_timeout_s = 300.0  # default" in lines
+    assert "# log_file is not set  # default" in lines
+    for key in KEYS:
+        assert sum(1 for line in lines if re.match(rf"#? ?{key.name}( =| is not set)", line)) == 1
+    # sections appear in order, each key under its own
+    headers = [line for line in lines if line.startswith("[")]
+    assert headers == [f"[{s}]" for s in SECTIONS]
+
+
+def test_check_config_output_loads_back_to_the_same_config(tmp_path) -> None:
+    path = write(tmp_path, "\n".join([
+        "[server]", 'listen = ["127.0.0.1:0", "[::1]:0", "localhost:9"]', "idle_timeout_s = 0.125",
+        "[echo]", 'timestamp = "%H:%M \\"%f\\" \\\\ é"', "utc = true",
+        "[log]", 'log_target = "file"', 'log_file = "a dir/t\\"q.log"', 'log_level = "ERROR"',
+        "[daemon]", 'pid_file = "/run/x.pid"', 'user = "u"', 'group = "g"', "",
+    ]))
+    config, sources = load_config_with_sources(path, {})
+    again = write(tmp_path, format_config(config, sources), "again.toml")
+    assert load_config(again, {}) == config
+
+
+
+# --------------------------------------------------------------------------
+# Listen addresses
+
+@pytest.mark.parametrize(
+    ("text", "host", "port", "shown"),
+    [
+        ("127.0.0.1:8009", "127.0.0.1", 8009, "127.0.0.1:8009"),
+        ("[::1]:8009", "::1", 8009, "[::1]:8009"),
+        ("[::]:0", "::", 0, "[::]:0"),
+        ("0.0.0.0:65535", "0.0.0.0", 65535, "0.0.0.0:65535"),
+        ("[2001:DB8::0001]:80", "2001:db8::1", 80, "[2001:db8::1]:80"),
+        ("[fe80::1%eth0]:80", "fe80::1%eth0", 80, "[fe80::1%eth0]:80"),
+        ("[::ffff:127.0.0.1]:1", "::ffff:7f00:1", 1, "[::ffff:7f00:1]:1"),
+        ("localhost:8009", "localhost", 8009, "localhost:8009"),
+        ("Echo-1.Example.com.:7", "echo-1.example.com.", 7, "echo-1.example.com.:7"),
+        ("127.0.0.1:00080", "127.0.0.1", 80, "127.0.0.1:80"),
+    ],
+)
+def test_listen_addresses_parse_and_print(text, host, port, shown) -> None:
+    addr = parse_listen(text)
+    assert addr == ListenAddress(host, port)
+    assert str(addr) == shown
+    assert parse_listen(str(addr)) == addr
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty listen address (expected host:port, e.g. 127.0.0.1:8009 or [::1]:8009)"),
+        ("8009", "invalid listen address '8009': missing port (expected host:port, e.g. 127.0.0.1:8009 or [::1]:8009)"),
+        ("localhost", "invalid listen address 'localhost': missing port (expected host:port, e.g. 127.0.0.1:8009 or [::1]:8009)"),
+        (":8009", "invalid listen address ':8009': missing host (use 0.0.0.0 or [::] for every address)"),
+        ("*:8009", "invalid listen address '*:8009': '*' is not an IP address or a valid host name"),
+        ("my host:1", "invalid listen address 'my host:1': 'my host' is not an IP address or a valid host name"),
+        ("-bad.example:1", "invalid listen address '-bad.example:1': '-bad.example' is not an IP address or a valid host name"),
+        ("a..b:1", "invalid listen address 'a..b:1': 'a..b' is not an IP address or a valid host name"),
+        ("127.0.0.256:1", "invalid listen address '127.0.0.256:1': '127.0.0.256' is not a valid IPv4 address"),
+        ("1.2.3:1", "invalid listen address '1.2.3:1': '1.2.3' is not a valid IPv4 address"),
+        ("::1:8009", "invalid listen address '::1:8009': an IPv6 address must be in brackets, e.g. [::1]:8009"),
+        ("[::1]", "invalid listen address '[::1]': missing ':port' after ']' (expected host:port, e.g. 127.0.0.1:8009 or [::1]:8009)"),
+        ("[::1:8009", "invalid listen address '[::1:8009': missing ']' after the IPv6 address (expected host:port, e.g. 127.0.0.1:8009 or [::1]:8009)"),
+        ("[::1]8009", "invalid listen address '[::1]8009': missing ':port' after ']' (expected host:port, e.g. 127.0.0.1:8009 or [::1]:8009)"),
+        ("[]:1", "invalid listen address '[]:1': '' in brackets is not an IPv6 address"),
+        ("[localhost]:1", "invalid listen address '[localhost]:1': 'localhost' in brackets is not an IPv6 address"),
+        ("[127.0.0.1]:1", "invalid listen address '[127.0.0.1]:1': brackets are only for IPv6 addresses; write 127.0.0.1:1"),
+        ("127.0.0.1:", "invalid listen address '127.0.0.1:': port '' is not a number 0-65535"),
+        ("127.0.0.1:65536", "invalid listen address '127.0.0.1:65536': port '65536' is not a number 0-65535"),
+        ("127.0.0.1:-1", "invalid listen address '127.0.0.1:-1': port '-1' is not a number 0-65535"),
+        ("127.0.0.1: 80", "invalid listen address '127.0.0.1: 80': port ' 80' is not a number 0-65535"),
+        ("127.0.0.1:http", "invalid listen address '127.0.0.1:http': port 'http' is not a number 0-65535"),
+        ("127.0.0.1:٨٠", "invalid listen address '127.0.0.1:٨٠': port '٨٠' is not a number 0-65535"),
+    ],
+)
+def test_bad_listen_addresses_say_what_is_wrong(text, message) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_listen(text)
+    assert str(info.value) == message
+
+
+# --------------------------------------------------------------------------
+# Property tests (issue 3 item 10): nothing but ConfigError, ever
+
+
+def toml_literal(value: object) -> str:
+    """A tiny TOML writer for the generated documents (tomllib only reads)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "nan" if value != value else "inf" if value == float("inf") else "-inf" if value == float("-inf") else repr(value)
+    if isinstance(value, str):
+        return json_string(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
+    assert isinstance(value, dict)
+    return "{" + ", ".join(f"{json_string(k)} = {toml_literal(v)}" for k, v in value.items()) + "}"
+
+
+def json_string(text: str) -> str:
+    import json
+    return json.dumps(text).replace("\\u007f", "\\u007F")
+
+
+interesting_strings = st.sampled_from([
+    "auto", "AUTO", "ctime", "iso", "epoch", "%H:%M:%S.%f", "%", "%%", "%n", "stderr", "file", "syslog",
+    "text", "json", "debug", "INFO", "127.0.0.1:0", "[::1]:0", "localhost:1", "[::1]", "", " ", "true",
+    "yes", "0", "1e3", "nan", "-1", "a/", "x.log", "../x", "\x00", "65536",
+])
+scalar_values = st.one_of(
+    st.integers(), st.integers(min_value=-2, max_value=70000), st.floats(), st.booleans(),
+    st.text(), interesting_strings,
+    st.datetimes().map(lambda d: d.isoformat()),  # emitted as a string here
+)
+toml_values = st.recursive(
+    scalar_values,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+key_names = st.sampled_from([k.name for k in KEYS]) | st.text(max_size=12)
+section_names = st.sampled_from(list(SECTIONS)) | st.text(max_size=8)
+
+
+@st.composite
+def toml_documents(draw) -> str:
+    lines = []
+    for _ in range(draw(st.integers(0, 6))):
+        section = draw(section_names)
+        lines.append(f"[{json_string(section)}]")
+        for _ in range(draw(st.integers(0, 4))):
+            name = draw(key_names)
+            lines.append(f"{json_string(name)} = {toml_literal(draw(toml_values))}")
+    return "\n".join(lines) + "\n"
+
+
+@st.composite
+def toml_ish_text(draw) -> str:
+    """Text that is often almost TOML: fragments of real syntax glued with noise."""
+    fragments = st.one_of(
+        st.sampled_from(["[server]", "[echo]", "[log]", "[limits]", "[daemon]", "[[server]]", "[server.x]",
+                         "=", " = ", "\n", '"', "'", "'''", '"""', "[", "]", "{", "}", ",", "#", "\\",
+                         "\\u", "0x", "1_000", "1979-05-27T07:32:00Z", "inf", "nan", "true", "\r\n", "\ufeff"]),
+        key_names, st.text(max_size=10),
+    )
+    return "".join(draw(st.lists(fragments, max_size=40)))
+
+
+def assert_only_config_error(load) -> Config | None:
+    try:
+        config = load()
+    except ConfigError as err:
+        message = str(err)
+        assert message.startswith("config error: ")
+        assert len(message.splitlines()) == 1 and message.isprintable()
+        assert len(message) < 1200
+        return None
+    assert isinstance(config, Config)
+    return config
+
+
+def assert_round_trips(tmp_path: Path, config: Config) -> None:
+    sources = {key.name: "default" for key in KEYS}
+    again = write(tmp_path, format_config(config, sources), "again.toml")
+    assert load_config(again, {}) == config
+
+
+PROPERTY_SETTINGS = settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+
+
+@PROPERTY_SETTINGS
+@given(text=st.text() | toml_ish_text())
+def test_arbitrary_text_files_raise_only_config_error(tmp_path, text) -> None:
+    path = tmp_path / "t.toml"
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    config = assert_only_config_error(lambda: load_config(path, {}))
+    if config is not None:
+        assert_round_trips(tmp_path, config)
+
+
+@PROPERTY_SETTINGS
+@given(data=st.binary())
+def test_arbitrary_bytes_files_raise_only_config_error(tmp_path, data) -> None:
+    path = tmp_path / "t.toml"
+    path.write_bytes(data)
+    assert_only_config_error(lambda: load_config(path, {}))
+
+
+@PROPERTY_SETTINGS
+@given(text=toml_documents())
+def test_arbitrary_values_for_every_key_raise_only_config_error(tmp_path, text) -> None:
+    path = write(tmp_path, text, "t.toml")
+    config = assert_only_config_error(lambda: load_config(path, {}))
+    if config is not None:
+        assert_round_trips(tmp_path, config)
+
+
+@PROPERTY_SETTINGS
+@given(
+    environ=st.dictionaries(
+        st.sampled_from([k.env for k in KEYS] + ["TSECHOD_CONFIG", "TSECHOD_DEBUG", "PATH"])
+        | st.text(max_size=12).map(lambda s: "TSECHOD_" + s),
+        st.text() | interesting_strings, max_size=5,
+    ),
+    overrides=st.dictionaries(
+        st.sampled_from([k.name for k in KEYS]),
+        st.none() | st.text() | interesting_strings | st.lists(st.text() | interesting_strings, max_size=3),
+        max_size=4,
+    ),
+)
+def test_arbitrary_environment_and_flags_raise_only_config_error(tmp_path, environ, overrides) -> None:
+    config = assert_only_config_error(lambda: load_config(None, environ, overrides))
+    if config is not None:
+        assert_round_trips(tmp_path, config)
+
+
+@PROPERTY_SETTINGS
+@given(value=toml_values, text=st.text())
+def test_every_key_checker_raises_only_value_error(value, text) -> None:
+    for key in KEYS:
+        for call, arg in ((key.from_toml, value), (key.from_text, text)):
+            try:
+                call(arg)
+            except ValueError as err:
+                assert str(err) and "\n" not in str(err).replace("\\n", "")

@@ -138,7 +138,7 @@ def parse_listen(text: str) -> ListenAddress:
     shown = _shown(text)
 
     def bad(reason: str) -> ValueError:
-        return ValueError(f"invalid listen address {shown}: {reason}")
+        return ValueError(_one_line(f"invalid listen address {shown}: {reason}"))
 
     if not text:
         raise ValueError(f"empty listen address ({_LISTEN_EXAMPLE})")
@@ -525,10 +525,10 @@ def find_config_path(
     "no file: built-in defaults".  Reading the file is load_config's job.
     """
     if explicit is not None:
-        return _existing(Path(explicit), f"--config={_shell(explicit)}")
+        return _existing(explicit, f"--config={_shell(explicit)}")
     env_path = environ.get("TSECHOD_CONFIG", "")
     if env_path:
-        return _existing(Path(env_path), f"environment TSECHOD_CONFIG={_shell(env_path)}")
+        return _existing(env_path, f"environment TSECHOD_CONFIG={_shell(env_path)}")
     try:
         os.stat(default)
     except (FileNotFoundError, NotADirectoryError):
@@ -538,8 +538,8 @@ def find_config_path(
     return default
 
 
-def _existing(path: Path, where: str) -> Path:
-    if not str(path):
+def _existing(path: str, where: str) -> Path:
+    if not path:  # Path("") would be ".", a directory
         raise ConfigError(f"{where}: needs a file path")
     try:
         os.stat(path)
@@ -547,7 +547,7 @@ def _existing(path: Path, where: str) -> Path:
         raise ConfigError(f"{where}: no such file") from None
     except (OSError, ValueError) as err:
         raise ConfigError(f"{where}: {_os_reason(err)}") from None
-    return path
+    return Path(path)
 
 
 def load_config(
