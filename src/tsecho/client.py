@@ -17,6 +17,7 @@ Nothing here imports the server side of the package.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 import select
@@ -70,8 +71,8 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> Address:
 
     Accepted: ``""`` (default host and port), ``host``, ``host:port``,
     ``:port`` (default host), ``[v6]``, ``[v6]:port``, and a bare IPv6
-    literal such as ``::1`` (two or more colons and no brackets), which takes
-    the default port: give a port with an IPv6 address in brackets.
+    literal such as ``::1`` or ``fe80::1%eth0`` (two or more colons, no
+    brackets), which takes the default port: a port needs the brackets.
     Ports must be decimal 1-65535. Raises :class:`AddressError` otherwise.
     The host is not resolved here.
     """
@@ -90,6 +91,12 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> Address:
             raise AddressError(f"unexpected {rest!r} after ']' in {text!r}")
     elif text.count(":") >= 2:
         # A bare IPv6 literal: its colons leave no room for a port.
+        try:
+            ipaddress.IPv6Address(text)
+        except ValueError:
+            raise AddressError(
+                f"{text!r} is neither HOST:PORT nor an IPv6 address (write IPv6 with a port as [::1]:8009)"
+            ) from None
         host, port = text, default_port
     elif ":" in text:
         host_text, _, port_text = text.partition(":")
@@ -249,7 +256,10 @@ def pipeline(
     source_polled = False
     while True:
         if source_fd is None and not outbox and not write_shut:
-            sock.shutdown(socket.SHUT_WR)  # "that was all": the server answers and closes
+            try:
+                sock.shutdown(socket.SHUT_WR)  # "that was all": the server answers and closes
+            except OSError:
+                pass  # already reset or closed (ENOTCONN): the recv below says which
             write_shut = True
             if deadline is None:
                 deadline = time.monotonic() + timeout_s
@@ -510,14 +520,16 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return EXIT_FAILURE
-    except ClientError as err:
+    except (ClientError, OSError) as err:
         if os.environ.get("TSECHO_DEBUG") == "1":
             raise
         try:
             out.flush()
         except OSError:
             pass
-        print(f"tsecho: {err}", file=sys.stderr)
+        # A bare OSError got past the mapping above: still one line, naming the server.
+        message = str(err) if isinstance(err, ClientError) else f"{address}: {_describe(err)}"
+        print(f"tsecho: {message}", file=sys.stderr)
         return EXIT_FAILURE
 
 
