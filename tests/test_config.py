@@ -901,3 +901,44 @@ def test_every_key_checker_raises_only_value_error(value, text) -> None:
                 call(arg)
             except ValueError as err:
                 assert str(err) and "\n" not in str(err).replace("\\n", "")
+
+
+# --------------------------------------------------------------------------
+# The example messages in docs/configuration.md are real
+
+DOC_EXAMPLES = [
+    ("file", "[server]\nbacklog = 0\n"),
+    ("file", '[server]\nbacklog = "1024"\n'),
+    ("file", "[echo]\nutc = 1\n"),
+    ("file", "[server]\nidle_timeout = 5\n"),
+    ("file", "[echo]\nbacklog = 5\n"),
+    ("file", "backlog = 5\n"),
+    ("file", "[sever]\nbacklog = 5\n"),
+    ("file", "[server]\nbacklog = \n"),
+    ("file", '[log]\nlog_target = "file"\n'),
+    ("file", '[server]\nlisten = ["127.0.0.1:8009", "localhost"]\n'),
+    ("env", {"TSECHOD_IDLE_TIMEOUT": "5"}),
+    ("env", {"TSECHOD_UTC": "maybe"}),
+    ("flag", {"idle_timeout_s": "soon"}),
+]
+
+
+@pytest.mark.parametrize(("kind", "given"), DOC_EXAMPLES)
+def test_error_examples_in_the_docs_are_what_tsechod_prints(tmp_path, kind, given) -> None:
+    path = tmp_path / "tsechod.toml"
+    with pytest.raises(ConfigError) as info:
+        if kind == "file":
+            path.write_text(given, encoding="utf-8")
+            load_config(path, {})
+        elif kind == "env":
+            load_config(None, given)
+        else:
+            load_config(None, {}, given)
+    shown = "tsechod: " + str(info.value).replace(str(path), str(DEFAULT_CONFIG_PATH))
+    assert shown in DOCS.read_text(encoding="utf-8").splitlines()
+
+
+def test_missing_config_example_in_the_docs_is_real() -> None:
+    with pytest.raises(ConfigError) as info:
+        find_config_path("/etc/tsechod/missing.toml", {})
+    assert "tsechod: " + str(info.value) in DOCS.read_text(encoding="utf-8").splitlines()
