@@ -477,6 +477,29 @@ def test_err_line_before_close_is_shown(one_shot) -> None:  # type: ignore[no-un
     assert result.stderr == f"tsecho: 127.0.0.1:{server.port}: ERR server busy\n".encode()
 
 
+def test_err_text_cannot_drive_the_terminal(one_shot) -> None:  # type: ignore[no-untyped-def]
+    def hostile(server: OneShotServer, conn: socket.socket) -> None:
+        conn.sendall(b"ERR \x1b[2J\x07 gone \xff\n")
+        conn.shutdown(socket.SHUT_WR)
+        server.drain(conn)
+
+    server = one_shot(hostile)
+    result = run_client("-m", "hi", f"127.0.0.1:{server.port}")
+    assert result.returncode == 1
+    assert result.stderr == f"tsecho: 127.0.0.1:{server.port}: ERR \\x1b[2J\\x07 gone \\xff\n".encode()
+
+
+def test_all_answered_but_server_never_closes_is_still_success(one_shot) -> None:  # type: ignore[no-untyped-def]
+    def answer_but_stay_open(server: OneShotServer, conn: socket.socket) -> None:
+        line = server.read_line(conn)
+        conn.sendall(b"[t] " + line + b"\n")
+        server.drain(conn)  # sees our half-close, yet never closes its side until we leave
+
+    server = one_shot(answer_but_stay_open)
+    result = run_client("-m", "hi", "--timeout", "0.3", f"127.0.0.1:{server.port}")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"[t] hi\n", b"")
+
+
 def test_closed_stdout_stops_the_client_quietly(tsechod: Callable[..., Daemon], tmp_path: Path) -> None:
     daemon = tsechod()
     source = tmp_path / "input"
