@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,6 +18,7 @@ from tsecho.config import (
     DEFAULT_CONFIG_PATH,
     KEYS,
     KEYS_BY_NAME,
+    Key,
     SECTIONS,
     Config,
     ConfigError,
@@ -120,7 +124,7 @@ def _docs_rows() -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("key", KEYS, ids=lambda k: k.name)
-def test_docs_document_every_key_with_section_default_env_and_flag(key) -> None:
+def test_docs_document_every_key_with_section_default_env_and_flag(key: Key) -> None:
     rows = _docs_rows()
     assert key.name in rows, f"{key.name} missing from docs/configuration.md"
     section, type_, default, allowed, env, flag = rows[key.name]
@@ -269,18 +273,18 @@ FILE_ERRORS = [
 
 
 @pytest.mark.parametrize(("text", "message"), FILE_ERRORS, ids=[m[:60] for _, m in FILE_ERRORS])
-def test_file_error_names_file_key_value_and_what_is_allowed(tmp_path, text, message) -> None:
+def test_file_error_names_file_key_value_and_what_is_allowed(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "tsechod.toml"
     assert file_error(path, text) == f"config error: {path}: {message}"
 
 
-def test_first_error_in_file_order_is_reported(tmp_path) -> None:
+def test_first_error_in_file_order_is_reported(tmp_path: Path) -> None:
     path = tmp_path / "t.toml"
     message = file_error(path, "[echo]\nutc = 2\n[server]\nbacklog = 0\n")
     assert message == f"config error: {path}: [echo] utc = 2: must be true or false, not an integer"
 
 
-def test_non_utf8_file_is_an_error_with_its_line(tmp_path) -> None:
+def test_non_utf8_file_is_an_error_with_its_line(tmp_path: Path) -> None:
     path = tmp_path / "t.toml"
     path.write_bytes(b"[echo]\n# caf\xe9\n")
     with pytest.raises(ConfigError) as info:
@@ -288,13 +292,13 @@ def test_non_utf8_file_is_an_error_with_its_line(tmp_path) -> None:
     assert str(info.value) == f"config error: {path}: not valid UTF-8 (byte 0xe9 at line 2)"
 
 
-def test_a_byte_order_mark_is_accepted(tmp_path) -> None:
+def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "t.toml"
     path.write_bytes(b"\xef\xbb\xbf[server]\nbacklog = 7\n")
     assert load_config(path, {}).backlog == 7
 
 
-def test_unreadable_file_gives_the_os_reason(tmp_path) -> None:
+def test_unreadable_file_gives_the_os_reason(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path, {})  # a directory: read fails with EISDIR
     assert str(info.value) == f"config error: {tmp_path}: cannot read: Is a directory"
@@ -305,7 +309,7 @@ def test_unreadable_file_gives_the_os_reason(tmp_path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
-def test_permission_denied_is_reported(tmp_path) -> None:
+def test_permission_denied_is_reported(tmp_path: Path) -> None:
     path = write(tmp_path, "")
     path.chmod(0)
     with pytest.raises(ConfigError) as info:
@@ -313,7 +317,7 @@ def test_permission_denied_is_reported(tmp_path) -> None:
     assert str(info.value) == f"config error: {path}: cannot read: Permission denied"
 
 
-def test_long_and_control_character_values_stay_on_one_short_line(tmp_path) -> None:
+def test_long_and_control_character_values_stay_on_one_short_line(tmp_path: Path) -> None:
     path = tmp_path / "t.toml"
     message = file_error(path, f'[log]\nlog_level = "{"x" * 500}\\n\\u2028"\n')
     assert "\n" not in message and len(message.splitlines()) == 1
@@ -365,7 +369,7 @@ ENV_ERRORS = [
 
 
 @pytest.mark.parametrize(("environ", "message"), ENV_ERRORS, ids=[m[:60] for _, m in ENV_ERRORS])
-def test_environment_error_names_the_variable_value_and_what_is_allowed(environ, message) -> None:
+def test_environment_error_names_the_variable_value_and_what_is_allowed(environ: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(None, environ)
     assert str(info.value) == f"config error: {message}"
@@ -397,13 +401,13 @@ FLAG_ERRORS = [
 
 
 @pytest.mark.parametrize(("overrides", "message"), FLAG_ERRORS, ids=[m[:60] for _, m in FLAG_ERRORS])
-def test_flag_error_names_the_flag_value_and_what_is_allowed(overrides, message) -> None:
+def test_flag_error_names_the_flag_value_and_what_is_allowed(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(None, {}, overrides)
     assert str(info.value) == f"config error: {message}"
 
 
-def test_log_target_file_error_names_where_log_target_came_from(tmp_path) -> None:
+def test_log_target_file_error_names_where_log_target_came_from(tmp_path: Path) -> None:
     path = write(tmp_path, '[log]\nlog_target = "file"\n')
     with pytest.raises(ConfigError, match=r"^config error: --log-target=file: requires log_file"):
         load_config(path, {}, {"log_target": "file"})
@@ -462,7 +466,7 @@ FILE_VALUES = [
 
 
 @pytest.mark.parametrize(("text", "name", "expected"), FILE_VALUES, ids=[t for t, _, _ in FILE_VALUES])
-def test_file_values_are_converted_and_normalised(tmp_path, text, name, expected) -> None:
+def test_file_values_are_converted_and_normalised(tmp_path: Path, text: str, name: str, expected: object) -> None:
     config = load_config(write(tmp_path, text), {})
     value = getattr(config, name)
     assert value == expected and type(value) is type(expected)
@@ -490,7 +494,7 @@ TEXT_VALUES = [
 
 
 @pytest.mark.parametrize(("name", "text", "expected"), TEXT_VALUES)
-def test_environment_and_flag_text_is_converted(name, text, expected) -> None:
+def test_environment_and_flag_text_is_converted(name: str, text: str, expected: object) -> None:
     env_value = getattr(load_config(None, {KEYS_BY_NAME[name].env: text}), name)
     flag_value = getattr(load_config(None, {}, {name: text}), name)
     assert env_value == flag_value == expected
@@ -503,8 +507,8 @@ def test_listen_flag_is_repeatable_and_takes_comma_lists() -> None:
 
 
 def test_flags_that_were_not_given_change_nothing() -> None:
-    overrides = {"listen": None, "log_level": None, "workers": None, "user": None}
-    assert load_config(None, {}, overrides) == Config()  # type: ignore[arg-type]
+    overrides: dict[str, Any] = {"listen": None, "log_level": None, "workers": None, "user": None}
+    assert load_config(None, {}, overrides) == Config()
     assert load_config(None, {}, {"listen": []}) == Config()
     assert load_config(None, {}, None) == Config()
 
@@ -542,7 +546,7 @@ def test_samples_cover_every_key() -> None:
 
 
 @pytest.mark.parametrize("key", KEYS, ids=lambda k: k.name)
-def test_precedence_is_default_then_file_then_env_then_flag(tmp_path, key) -> None:
+def test_precedence_is_default_then_file_then_env_then_flag(tmp_path: Path, key: Key) -> None:
     literal, text, from_file, from_text = SAMPLES[key.name]
     path = write(tmp_path, f"[{key.section}]\n{key.name} = {literal}\n")
     other_text = "127.0.0.1:3" if key.name == "listen" else text
@@ -564,7 +568,7 @@ def test_precedence_is_default_then_file_then_env_then_flag(tmp_path, key) -> No
         assert key.flag_name == flag
 
 
-def test_sources_name_each_layer_in_one_load(tmp_path) -> None:
+def test_sources_name_each_layer_in_one_load(tmp_path: Path) -> None:
     path = write(tmp_path, "[server]\nbacklog = 5\nidle_timeout_s = 6\nworkers = 2\n")
     environ = {"TSECHOD_IDLE_TIMEOUT_S": "7", "TSECHOD_WORKERS": "3"}
     config, sources = load_config_with_sources(path, environ, {"workers": "4"})
@@ -575,7 +579,7 @@ def test_sources_name_each_layer_in_one_load(tmp_path) -> None:
     assert sources["shutdown_timeout_s"] == "default"
 
 
-def test_a_bad_file_value_is_an_error_even_when_env_overrides_it(tmp_path) -> None:
+def test_a_bad_file_value_is_an_error_even_when_env_overrides_it(tmp_path: Path) -> None:
     path = write(tmp_path, "[server]\nbacklog = 0\n")
     with pytest.raises(ConfigError, match=r"\[server\] backlog = 0: must be"):
         load_config(path, {"TSECHOD_BACKLOG": "5"})
@@ -584,7 +588,7 @@ def test_a_bad_file_value_is_an_error_even_when_env_overrides_it(tmp_path) -> No
 # --------------------------------------------------------------------------
 # Relative paths
 
-def test_relative_paths_in_the_file_resolve_against_its_directory(tmp_path) -> None:
+def test_relative_paths_in_the_file_resolve_against_its_directory(tmp_path: Path) -> None:
     conf_dir = tmp_path / "conf"
     conf_dir.mkdir()
     path = write(conf_dir, '[log]\nlog_file = "logs/t.log"\n[daemon]\npid_file = "../run/t.pid"\n')
@@ -593,7 +597,7 @@ def test_relative_paths_in_the_file_resolve_against_its_directory(tmp_path) -> N
     assert config.pid_file == conf_dir / ".." / "run" / "t.pid"
 
 
-def test_relative_config_path_still_gives_absolute_paths(tmp_path, monkeypatch) -> None:
+def test_relative_config_path_still_gives_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "etc").mkdir()
     write(tmp_path / "etc", '[log]\nlog_file = "t.log"\n')
     monkeypatch.chdir(tmp_path)
@@ -601,12 +605,12 @@ def test_relative_config_path_still_gives_absolute_paths(tmp_path, monkeypatch) 
     assert config.log_file == tmp_path / "etc" / "t.log"
 
 
-def test_absolute_paths_in_the_file_are_kept(tmp_path) -> None:
+def test_absolute_paths_in_the_file_are_kept(tmp_path: Path) -> None:
     path = write(tmp_path, '[log]\nlog_file = "/var/log/t.log"\n')
     assert load_config(path, {}).log_file == Path("/var/log/t.log")
 
 
-def test_relative_paths_from_env_and_flags_resolve_against_the_current_directory(tmp_path, monkeypatch) -> None:
+def test_relative_paths_from_env_and_flags_resolve_against_the_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     config = load_config(None, {"TSECHOD_LOG_FILE": "a.log"}, {"pid_file": "run/t.pid"})
     assert config.log_file == tmp_path / "a.log"
@@ -616,7 +620,7 @@ def test_relative_paths_from_env_and_flags_resolve_against_the_current_directory
 # --------------------------------------------------------------------------
 # Finding the file
 
-def test_explicit_path_wins_over_environment_and_default(tmp_path) -> None:
+def test_explicit_path_wins_over_environment_and_default(tmp_path: Path) -> None:
     a, b, c = write(tmp_path, "", "a.toml"), write(tmp_path, "", "b.toml"), write(tmp_path, "", "c.toml")
     assert find_config_path(str(a), {"TSECHOD_CONFIG": str(b)}, default=c) == a
     assert find_config_path(None, {"TSECHOD_CONFIG": str(b)}, default=c) == b
@@ -624,7 +628,7 @@ def test_explicit_path_wins_over_environment_and_default(tmp_path) -> None:
     assert find_config_path(None, {"TSECHOD_CONFIG": ""}, default=c) == c
 
 
-def test_no_file_anywhere_means_defaults(tmp_path) -> None:
+def test_no_file_anywhere_means_defaults(tmp_path: Path) -> None:
     assert find_config_path(None, {}, default=tmp_path / "missing.toml") is None
     assert find_config_path(None, {}, default=tmp_path / "not-a-dir.toml" / "x.toml") is None
 
@@ -644,7 +648,7 @@ def test_the_default_path_is_the_documented_one() -> None:
         ("{d}/x.toml/y.toml", {}, "--config={d}/x.toml/y.toml: Not a directory"),
     ],
 )
-def test_a_named_config_file_that_does_not_exist_is_an_error(tmp_path, explicit, environ, message) -> None:
+def test_a_named_config_file_that_does_not_exist_is_an_error(tmp_path: Path, explicit: str | None, environ: dict[str, str], message: str) -> None:
     write(tmp_path, "", "x.toml")
     explicit = None if explicit is None else explicit.format(d=tmp_path)
     environ = {k: v.format(d=tmp_path) for k, v in environ.items()}
@@ -656,7 +660,7 @@ def test_a_named_config_file_that_does_not_exist_is_an_error(tmp_path, explicit,
 # --------------------------------------------------------------------------
 # check-config output
 
-def test_check_config_output_is_toml_with_a_source_comment_on_every_key(tmp_path) -> None:
+def test_check_config_output_is_toml_with_a_source_comment_on_every_key(tmp_path: Path) -> None:
     path = write(tmp_path, "[server]\nbacklog = 5\n")
     config, sources = load_config_with_sources(path, {"TSECHOD_UTC": "yes"}, {"log_level": "debug"})
     text = format_config(config, sources)
@@ -682,7 +686,7 @@ def test_check_config_output_is_toml_with_a_source_comment_on_every_key(tmp_path
     assert headers == [f"[{s}]" for s in SECTIONS]
 
 
-def test_check_config_output_loads_back_to_the_same_config(tmp_path) -> None:
+def test_check_config_output_loads_back_to_the_same_config(tmp_path: Path) -> None:
     path = write(tmp_path, "\n".join([
         "[server]", 'listen = ["127.0.0.1:0", "[::1]:0", "localhost:9"]', "idle_timeout_s = 0.125",
         "[echo]", 'timestamp = "%H:%M \\"%f\\" \\\\ é"', "utc = true",
@@ -713,7 +717,7 @@ def test_check_config_output_loads_back_to_the_same_config(tmp_path) -> None:
         ("127.0.0.1:00080", "127.0.0.1", 80, "127.0.0.1:80"),
     ],
 )
-def test_listen_addresses_parse_and_print(text, host, port, shown) -> None:
+def test_listen_addresses_parse_and_print(text: str, host: str, port: int, shown: str) -> None:
     addr = parse_listen(text)
     assert addr == ListenAddress(host, port)
     assert str(addr) == shown
@@ -748,7 +752,7 @@ def test_listen_addresses_parse_and_print(text, host, port, shown) -> None:
         ("127.0.0.1:٨٠", "invalid listen address '127.0.0.1:٨٠': port '٨٠' is not a number 0-65535"),
     ],
 )
-def test_bad_listen_addresses_say_what_is_wrong(text, message) -> None:
+def test_bad_listen_addresses_say_what_is_wrong(text: str, message: str) -> None:
     with pytest.raises(ValueError) as info:
         parse_listen(text)
     assert str(info.value) == message
@@ -775,7 +779,6 @@ def toml_literal(value: object) -> str:
 
 
 def json_string(text: str) -> str:
-    import json
     return json.dumps(text).replace("\\u007f", "\\u007F")
 
 
@@ -799,7 +802,7 @@ section_names = st.sampled_from(list(SECTIONS)) | st.text(max_size=8)
 
 
 @st.composite
-def toml_documents(draw) -> str:
+def toml_documents(draw: st.DrawFn) -> str:
     lines = []
     for _ in range(draw(st.integers(0, 6))):
         section = draw(section_names)
@@ -811,7 +814,7 @@ def toml_documents(draw) -> str:
 
 
 @st.composite
-def toml_ish_text(draw) -> str:
+def toml_ish_text(draw: st.DrawFn) -> str:
     """Text that is often almost TOML: fragments of real syntax glued with noise."""
     fragments = st.one_of(
         st.sampled_from(["[server]", "[echo]", "[log]", "[limits]", "[daemon]", "[[server]]", "[server.x]",
@@ -822,7 +825,7 @@ def toml_ish_text(draw) -> str:
     return "".join(draw(st.lists(fragments, max_size=40)))
 
 
-def assert_only_config_error(load) -> Config | None:
+def assert_only_config_error(load: Callable[[], Config]) -> Config | None:
     try:
         config = load()
     except ConfigError as err:
@@ -848,7 +851,7 @@ PROPERTY_SETTINGS = settings(
 
 @PROPERTY_SETTINGS
 @given(text=st.text() | toml_ish_text())
-def test_arbitrary_text_files_raise_only_config_error(tmp_path, text) -> None:
+def test_arbitrary_text_files_raise_only_config_error(tmp_path: Path, text: str) -> None:
     path = tmp_path / "t.toml"
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
     config = assert_only_config_error(lambda: load_config(path, {}))
@@ -858,7 +861,7 @@ def test_arbitrary_text_files_raise_only_config_error(tmp_path, text) -> None:
 
 @PROPERTY_SETTINGS
 @given(data=st.binary())
-def test_arbitrary_bytes_files_raise_only_config_error(tmp_path, data) -> None:
+def test_arbitrary_bytes_files_raise_only_config_error(tmp_path: Path, data: bytes) -> None:
     path = tmp_path / "t.toml"
     path.write_bytes(data)
     assert_only_config_error(lambda: load_config(path, {}))
@@ -866,7 +869,7 @@ def test_arbitrary_bytes_files_raise_only_config_error(tmp_path, data) -> None:
 
 @PROPERTY_SETTINGS
 @given(text=toml_documents())
-def test_arbitrary_values_for_every_key_raise_only_config_error(tmp_path, text) -> None:
+def test_arbitrary_values_for_every_key_raise_only_config_error(tmp_path: Path, text: str) -> None:
     path = write(tmp_path, text, "t.toml")
     config = assert_only_config_error(lambda: load_config(path, {}))
     if config is not None:
@@ -886,7 +889,7 @@ def test_arbitrary_values_for_every_key_raise_only_config_error(tmp_path, text) 
         max_size=4,
     ),
 )
-def test_arbitrary_environment_and_flags_raise_only_config_error(tmp_path, environ, overrides) -> None:
+def test_arbitrary_environment_and_flags_raise_only_config_error(tmp_path: Path, environ: dict[str, str], overrides: dict[str, Any]) -> None:
     config = assert_only_config_error(lambda: load_config(None, environ, overrides))
     if config is not None:
         assert_round_trips(tmp_path, config)
@@ -894,13 +897,17 @@ def test_arbitrary_environment_and_flags_raise_only_config_error(tmp_path, envir
 
 @PROPERTY_SETTINGS
 @given(value=toml_values, text=st.text())
-def test_every_key_checker_raises_only_value_error(value, text) -> None:
+def test_every_key_checker_raises_only_value_error(value: object, text: str) -> None:
+    def check(call: Callable[[], object]) -> None:
+        try:
+            call()
+        except ValueError as err:
+            assert str(err)
+            assert len(str(err).splitlines()) == 1 and str(err).isprintable()
+
     for key in KEYS:
-        for call, arg in ((key.from_toml, value), (key.from_text, text)):
-            try:
-                call(arg)
-            except ValueError as err:
-                assert str(err) and "\n" not in str(err).replace("\\n", "")
+        check(lambda: key.from_toml(value))
+        check(lambda: key.from_text(text))
 
 
 # --------------------------------------------------------------------------
@@ -924,7 +931,7 @@ DOC_EXAMPLES = [
 
 
 @pytest.mark.parametrize(("kind", "given"), DOC_EXAMPLES)
-def test_error_examples_in_the_docs_are_what_tsechod_prints(tmp_path, kind, given) -> None:
+def test_error_examples_in_the_docs_are_what_tsechod_prints(tmp_path: Path, kind: str, given: Any) -> None:
     path = tmp_path / "tsechod.toml"
     with pytest.raises(ConfigError) as info:
         if kind == "file":
