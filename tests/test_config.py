@@ -949,3 +949,12 @@ def test_missing_config_example_in_the_docs_is_real() -> None:
     with pytest.raises(ConfigError) as info:
         find_config_path("/etc/tsechod/missing.toml", {})
     assert "tsechod: " + str(info.value) in DOCS.read_text(encoding="utf-8").splitlines()
+
+
+def test_commented_out_examples_in_the_shipped_file_are_valid(tmp_path: Path) -> None:
+    text = SHIPPED.read_text(encoding="utf-8")
+    unset = [key.name for key in KEYS if key.default is None]
+    for name in unset:
+        text = re.sub(rf"^# ({name} = )", r"\1", text, flags=re.M)
+    config = load_config(write(tmp_path, text), {})
+    assert all(getattr(config, name) is not None for name in unset)

@@ -202,7 +202,7 @@ class Key:
     section: str
     type: str  # for docs: "integer", "number", "boolean", "string", ...
     allowed: str  # for docs: what values are accepted
-    help: str  # one line, used in etc/tsechod.toml and docs
+    help: str  # one line, e.g. for the flag's --help text
     from_toml: Checker
     from_text: TextParser
     flag: bool = False  # has a command-line flag
