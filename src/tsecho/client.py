@@ -24,7 +24,6 @@ import select
 import socket
 import sys
 import time
-from collections.abc import Sequence
 from typing import BinaryIO, Final, NamedTuple
 
 DEFAULT_HOST: Final = "127.0.0.1"
@@ -242,7 +241,8 @@ def pipeline(
     input never waits for a round trip per line and never piles up in memory.
     A last line without a line end gets one (so it is answered). When all is
     sent the write side is shut down and replies are read until the server
-    closes. Returns when every line got its reply and the server closed.
+    closes. Returns when every line got its reply and the server closed (or
+    kept still for *timeout_s* after the last reply).
     Raises :class:`ClientError` (timeout, closed or reset connection, an
     ``ERR`` line) and :class:`OutputClosed`.
     """
