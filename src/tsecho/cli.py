@@ -24,6 +24,7 @@ from .daemonize import DaemonizeError, ParentOutcome, PidFile, StartupReport, de
 from .logsetup import configure_logging, log_fds, log_file_stream
 from .server import ListenError, ServerState, open_servers
 from .service import Service
+from .supervisor import Supervisor
 
 logger = logging.getLogger("tsecho.cli")
 
@@ -157,8 +158,13 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Mapping[str
             if startup is not None:
                 startup.failed(str(err))
             raise
-        service = Service(servers, state, load, watchdog_s=systemd.watchdog_interval_s(environ),
-                          on_ready=startup.ready if startup is not None else None)
+        on_ready = startup.ready if startup is not None else None
+        watchdog_s = systemd.watchdog_interval_s(environ)
+        if config.workers > 1:
+            supervisor = Supervisor(config, [s.socket for s in servers], load,
+                                    watchdog_s=watchdog_s, on_ready=on_ready)
+            return supervisor.run()
+        service = Service(servers, state, load, watchdog_s=watchdog_s, on_ready=on_ready)
         return service.run_until_stopped()
 
 
