@@ -958,3 +958,22 @@ def test_commented_out_examples_in_the_shipped_file_are_valid(tmp_path: Path) ->
         text = re.sub(rf"^# ({name} = )", r"\1", text, flags=re.M)
     config = load_config(write(tmp_path, text), {})
     assert all(getattr(config, name) is not None for name in unset)
+
+
+def test_a_huge_file_is_refused_without_reading_it_all(tmp_path: Path) -> None:
+    path = tmp_path / "big.toml"
+    path.write_bytes(b"# " + b"x" * (1024 * 1024) + b"\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {})
+    assert str(info.value) == f"config error: {path}: larger than 1024 KiB: is it the right file?"
+
+
+def test_a_config_can_come_from_a_pipe() -> None:
+    """`tsechod check-config --config /dev/stdin < file` works: no regular-file check."""
+    read_fd, write_fd = os.pipe()
+    with os.fdopen(write_fd, "wb") as writer:
+        writer.write(b"[server]\nbacklog = 3\n")
+    try:
+        assert load_config(Path(f"/dev/fd/{read_fd}"), {}).backlog == 3
+    finally:
+        os.close(read_fd)

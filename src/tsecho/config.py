@@ -51,6 +51,8 @@ MAX_LINE_BYTES_LIMIT: Final = 16 * 1024 * 1024
 MAX_WORKERS: Final = 256
 # Larger timeouts overflow threading/socket timeouts; a year is "forever" here.
 MAX_TIMEOUT_S: Final = 31_536_000.0
+# A config file is a few KiB; anything bigger is the wrong file (or /dev/zero).
+MAX_CONFIG_BYTES: Final = 1024 * 1024
 _SHOWN_VALUE_CHARS: Final = 120  # longer values are cut in error messages
 
 
@@ -640,16 +642,23 @@ def _from_text(key: Key, text: str, where: str) -> object:
         raise ConfigError(f"{where}: {err}") from None
     if isinstance(value, Path) and not value.is_absolute():
         # Relative to where the operator typed it; --daemon later chdirs to /.
-        value = Path.cwd() / value
+        try:
+            value = Path.cwd() / value
+        except OSError as err:
+            raise ConfigError(f"{where}: relative path, but the current directory is unusable: "
+                              f"{_os_reason(err)}") from None
     return value
 
 
 def _read_file(path: Path) -> list[tuple[Key, object, str]]:
     """Parse the TOML file; return (key, raw value, where) in file order."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: cannot read: {_os_reason(err)}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB: is it the right file?")
     try:
         text = data.decode("utf-8-sig")  # a BOM from a Windows editor is harmless
     except UnicodeDecodeError as err:
