@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 REFUSAL_SUMMARY_EVERY_S: Final = 10.0
 ACCEPT_BACKOFF_S: Final = 0.1
+# Threads that finished a connection wait this long, at most this many, for the next one.
+PARKED_THREADS: Final = 32
+PARK_S: Final = 2.0
 _OUT_OF_FDS: Final = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 
@@ -60,6 +63,7 @@ class ServerState:
         self._refused_unlogged = 0
         self._refusal_window_start = time.monotonic()
         self._fd_warning_at = 0.0
+        self.threads = ReadyThreads()
 
     def fds(self) -> list[int]:
         """The descriptors this state holds open (a daemonizing step must keep them)."""
@@ -183,6 +187,67 @@ class ServerState:
         os.close(self._stop_w)
 
 
+class ReadyThreads:
+    """Threads for connections, each serving one connection at a time.
+
+    A thread that has finished its connection parks for a moment instead of
+    exiting, and the next accept hands it the new connection: that saves
+    creating a thread and waiting for it to start on every accept. At most
+    ``max_parked`` threads wait, each for at most ``park_s``, so an idle
+    server is back to its baseline thread count soon after a burst.
+    """
+
+    def __init__(self, max_parked: int = PARKED_THREADS, park_s: float = PARK_S) -> None:
+        self.max_parked = max_parked
+        self.park_s = park_s
+        self._lock = threading.Lock()
+        self._parked: list[_ParkedSlot] = []
+
+    def run(self, target: Callable[..., object], *args: object) -> None:
+        """Run ``target(*args)`` in a parked thread, or a new one. Raises RuntimeError if none can start."""
+        with self._lock:
+            slot = self._parked.pop() if self._parked else None
+        if slot is not None:
+            slot.job = (target, args)
+            slot.wake.release()
+            return
+        thread = threading.Thread(target=self._serve, args=((target, args),), name="tsecho-conn", daemon=True)
+        thread.start()
+
+    @property
+    def parked(self) -> int:
+        return len(self._parked)
+
+    def _serve(self, job: tuple[Callable[..., object], tuple[object, ...]]) -> None:
+        slot = _ParkedSlot()
+        while True:
+            target, args = job
+            target(*args)
+            with self._lock:
+                if len(self._parked) >= self.max_parked:
+                    return
+                self._parked.append(slot)
+            if not slot.wake.acquire(timeout=self.park_s):
+                with self._lock:
+                    if slot in self._parked:
+                        self._parked.remove(slot)
+                        return
+                slot.wake.acquire()  # run() took us just as we timed out: its job is coming
+            assert slot.job is not None
+            job, slot.job = slot.job, None
+
+
+class _ParkedSlot:
+    """Where run() puts a job for one parked thread, and the lock that wakes it."""
+
+    __slots__ = ("job", "wake")
+
+    def __init__(self) -> None:
+        self.job: tuple[Callable[..., object], tuple[object, ...]] | None = None
+        self.wake = threading.Lock()
+        self.wake.acquire()  # held: acquire() again parks the thread until run() releases it
+
+
 class EchoServer(socketserver.ThreadingTCPServer):
     """One listening socket; a thread per connection runs an EchoHandler."""
 
@@ -232,16 +297,14 @@ class EchoServer(socketserver.ThreadingTCPServer):
         if refusal is not None:
             _refuse(request, refusal)
             return
-        name = f"tsecho-conn-{peer_name(client_address)}"
-        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address), name=name)
-        thread.daemon = True
         try:
-            thread.start()
+            self.state.threads.run(self.process_request_thread, request, client_address)
         except RuntimeError:  # can't start new thread: out of memory or pids
             self.state.release(request, ip)
             _refuse(request, ERR_BUSY)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        threading.current_thread().name = f"tsecho-conn-{peer_name(client_address)}"
         try:
             self.finish_request(request, client_address)
         except Exception:
@@ -249,6 +312,7 @@ class EchoServer(socketserver.ThreadingTCPServer):
         finally:
             request.close()
             self.state.release(request, client_address[0])
+            threading.current_thread().name = "tsecho-conn-parked"
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A bug in a handler: log it once with its traceback; only that connection ends."""
