@@ -160,6 +160,11 @@ class EchoHandler(socketserver.BaseRequestHandler):
         view = memoryview(data)
         deadline = 0.0
         while view:
+            if deadline and time.monotonic() >= deadline:
+                # Checked before sending again: poll() reports POLLOUT only once a third
+                # of the buffer is free, but send() may still squeeze the rest in, and
+                # that must not restart the clock for a peer that hasn't read for this long.
+                raise _Closed("stalled")
             try:
                 sent = sock.send(view)
             except BlockingIOError:
