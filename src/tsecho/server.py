@@ -270,6 +270,9 @@ class EchoServer(socketserver.ThreadingTCPServer):
             self.address_family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
             self.request_queue_size = state.config.backlog
             super().__init__((listen.host, listen.port), EchoHandler)
+        # Workers share this socket: all of them wake for one connection, one wins
+        # the accept(), and a blocking accept() would hang the others.
+        self.socket.setblocking(False)
 
     @property
     def address(self) -> str:
