@@ -61,6 +61,7 @@ static struct {
     int concurrency; /* hold: connections being set up at once */
     int ts_any;      /* accept any timestamp text, not only ctime's shape */
     int spin;        /* poll epoll without sleeping */
+    int src_ips;     /* > 1: spread connections over 127.0.0.2 .. 127.0.0.(src_ips+1) */
     const char *label;
 } opt;
 
@@ -169,9 +170,21 @@ static void die(const char *what) {
     exit(2);
 }
 
+/* "aaa...zabc...": the filler of a payload is a window of this, so no per-byte arithmetic */
+static char alphabet[26 + 2048 + 1];
+
+static void put_hex(char *p, uint64_t v, int digits) {
+    static const char hex[] = "0123456789abcdef";
+    for (int i = digits - 1; i >= 0; i--, v >>= 4) p[i] = hex[v & 15];
+}
+
+/* The payload of line seq of connection id: "%08x %016llx " then filler; unique per (id, seq). */
 static void make_payload(uint32_t id, uint64_t seq, char *p) {
-    int n = snprintf(p, (size_t)opt.payload + 1, "%08x %016llx ", id, (unsigned long long)seq);
-    for (int i = n; i < opt.payload; i++) p[i] = (char)('a' + (int)((id + seq + (uint64_t)i) % 26));
+    put_hex(p, id, 8);
+    p[8] = ' ';
+    put_hex(p + 9, seq, 16);
+    p[25] = ' ';
+    memcpy(p + 26, alphabet + (id + seq + 26) % 26, (size_t)opt.payload - 26);
 }
 
 static void ep_set(conn_t *c, uint32_t events) {
@@ -219,6 +232,14 @@ static int open_conn(conn_t *c) {
     c->stamped = 0;
     c->in_len = 0;
     c->t_open = now_ns();
+    if (opt.src_ips > 1) {
+        /* Spread connections over source addresses 127.0.0.2.. so connect()
+         * doesn't search a port range full of TIME_WAIT entries (connrate). */
+        setsockopt(c->fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+        struct sockaddr_in src = {.sin_family = AF_INET};
+        src.sin_addr.s_addr = htonl(0x7f000002u + (c->id % (uint32_t)opt.src_ips));
+        if (bind(c->fd, (struct sockaddr *)&src, sizeof src) < 0) die("bind source address");
+    }
     if (connect(c->fd, (struct sockaddr *)&opt.addr, sizeof opt.addr) < 0 && errno != EINPROGRESS) {
         st.connect_errors++;
         conn_close(c, opt.workload == W_CONNRATE ? S_IDLE : S_DEAD);
@@ -580,7 +601,7 @@ static void usage(void) {
             "usage: loadgen --port P [--host 127.0.0.1] --workload pingpong|pipeline|connrate|hold\n"
             "               [--conns N] [--duration S] [--warmup S] [--grace S] [--lines N]\n"
             "               [--payload BYTES] [--idle S] [--concurrency N] [--setup-timeout S]\n"
-            "               [--ts-any] [--spin] [--label TEXT]\n");
+            "               [--ts-any] [--spin] [--src-ips N] [--label TEXT]\n");
     exit(2);
 }
 
@@ -602,7 +623,7 @@ int main(int argc, char **argv) {
         {"host", 1, 0, 'h'},    {"port", 1, 0, 'p'},     {"workload", 1, 0, 'w'},      {"conns", 1, 0, 'c'},
         {"duration", 1, 0, 'd'}, {"warmup", 1, 0, 'W'},  {"grace", 1, 0, 'g'},         {"lines", 1, 0, 'l'},
         {"payload", 1, 0, 's'}, {"idle", 1, 0, 'i'},     {"concurrency", 1, 0, 'C'},   {"setup-timeout", 1, 0, 'T'},
-        {"ts-any", 0, 0, 'a'},  {"spin", 0, 0, 'S'},  {"label", 1, 0, 'L'},    {0, 0, 0, 0}};
+        {"ts-any", 0, 0, 'a'},  {"spin", 0, 0, 'S'}, {"src-ips", 1, 0, 'I'},  {"label", 1, 0, 'L'},    {0, 0, 0, 0}};
     int ch;
     while ((ch = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
         switch (ch) {
@@ -626,6 +647,7 @@ int main(int argc, char **argv) {
         case 'T': opt.setup_timeout_s = atof(optarg); break;
         case 'a': opt.ts_any = 1; break;
         case 'S': opt.spin = 1; break;
+        case 'I': opt.src_ips = atoi(optarg); break;
         case 'L': opt.label = optarg; break;
         default: usage();
         }
@@ -652,6 +674,7 @@ int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
 
     line_len = (size_t)opt.payload + 1;
+    for (size_t i = 0; i < sizeof alphabet - 1; i++) alphabet[i] = (char)('a' + i % 26);
     uint32_t window = opt.workload == W_PIPELINE ? (uint32_t)opt.lines : 1;
     /* a reply is the payload plus "[" timestamp "] " and "\n"; keep room for a whole batch of them */
     in_cap = opt.workload == W_PIPELINE ? 65536 : (size_t)opt.payload + 1024;

@@ -187,6 +187,32 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def listening_port(pid: int) -> int | None:
+    """The TCP port the process tree of pid listens on, from /proc/net/tcp, or None.
+
+    For a server that doesn't print its `listening on` line (tsechod logs it at
+    INFO, and the benchmark runs it with --log-level warning).
+    """
+    inodes = set()
+    for p in process_tree(pid):
+        try:
+            for fd in os.listdir(f"/proc/{p}/fd"):
+                target = os.readlink(f"/proc/{p}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            pass
+    try:
+        rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for row in rows:
+        cols = row.split()
+        if len(cols) > 9 and cols[3] == "0A" and cols[9] in inodes:  # 0A = LISTEN
+            return int(cols[1].split(":")[1], 16)
+    return None
+
+
 # ---------- servers ----------
 
 class Server:
@@ -228,15 +254,16 @@ class Server:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while time.monotonic() < deadline:
             match = LISTENING_RE.search(self.log.read_bytes())
-            if match:
-                self.port = int(match.group(2))
+            port = int(match.group(2)) if match else listening_port(self.proc.pid)
+            if port:
+                self.port = port
                 return self
             if self.proc.poll() is not None:
                 break
             time.sleep(0.02)  # polling for the listening line, bounded by the deadline
         tail = self.log.read_bytes()[-600:].decode(errors="replace").strip()
         self.stop()
-        raise BenchError(f"{self.name} did not start (no 'listening on' line): {tail or 'no output'}")
+        raise BenchError(f"{self.name} did not start (not listening): {tail or 'no output'}")
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -442,6 +469,50 @@ def generator_check(summary: dict[str, Any]) -> list[str]:
     return ["| workload | C server | best Python server | C / best Python |", "|---|---|---|---|", *out, ""]
 
 
+def target_check(summary: dict[str, Any], server: str = "tsechod") -> list[str]:
+    """Issue 5's targets for tsechod, each met or missed, from this run's medians."""
+    def get(wl: str, s: str) -> float:
+        v = summary.get(wl, {}).get(s, float("nan"))
+        return float(v)
+
+    def lat(wl: str, s: str, key: str) -> float:
+        return float(summary.get(wl + ":latency", {}).get(s, {}).get(key, float("nan")))
+
+    def verdict(ok: bool | None) -> str:
+        return "n/a" if ok is None else ("met" if ok else "MISSED")
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b == b and a == a and b else float("nan")
+
+    rows = []
+    r = ratio(get("pingpong64", server), get("pingpong64", "uvloop"))
+    rows.append(("pingpong 64 conns", ">= 1.5x uvloop", f"{fmt(r, 2)}x", None if r != r else r >= 1.5))
+    r = ratio(get("pingpong256", server), get("pingpong256", "uvloop"))
+    p_us, p_uv = lat("pingpong256", server, "p999_us"), lat("pingpong256", "uvloop", "p999_us")
+    ok = None if r != r or p_us != p_us or p_uv != p_uv else (r >= 1.3 and p_us <= p_uv)
+    rows.append(("pingpong 256 conns", ">= 1.3x uvloop, p99.9 <= uvloop's",
+                 f"{fmt(r, 2)}x; p99.9 {fmt(p_us)} us vs {fmt(p_uv)} us", ok))
+    r = ratio(get("pipeline", server), get("pipeline", "uvloop"))
+    rows.append(("pipeline", ">= 10x uvloop", f"{fmt(r, 1)}x", None if r != r else r >= 10))
+    r = ratio(get("connrate", server), get("connrate", "uvloop"))
+    rows.append(("connection rate", ">= 1.0x uvloop", f"{fmt(r, 2)}x", None if r != r else r >= 1.0))
+    detail = summary.get("hold:detail", {})
+    if server in detail and "uvloop" in detail:
+        d = detail[server]
+        r = ratio(get("hold", server), get("hold", "uvloop"))
+        survived = f"{fmt(d['survivors'])} of {fmt(float(HOLD_CONNS))}"
+        ok = d["survivors"] >= HOLD_CONNS and d["kib_per_conn"] <= 12 and r <= 2
+        rows.append(("hold 10,000", "all survive; <= 12 KiB/conn; set-up <= 2x uvloop's",
+                     f"{survived} survived; {fmt(d['kib_per_conn'], 1)} KiB/conn; set-up {fmt(r, 2)}x", ok))
+    else:
+        rows.append(("hold 10,000", "all survive; <= 12 KiB/conn; set-up <= 2x uvloop's", "-", None))
+    r = ratio(lat("pingpong1", server, "p50_us"), lat("pingpong1", "c-epoll", "p50_us"))
+    rows.append(("pingpong 1 conn", "p50 <= 1.2x the C server's", f"{fmt(r, 2)}x", None if r != r else r <= 1.2))
+    out = ["| workload | target | this run | verdict |", "|---|---|---|---|"]
+    out += [f"| {a} | {b} | {c} | {verdict(d)} |" for a, b, c, d in rows]
+    return out + [""]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the tsecho benchmark and write benchmarks/RESULTS.md.")
     parser.add_argument("--quick", action="store_true", help="tiny durations, one repeat (the smoke test)")
@@ -531,8 +602,12 @@ def main(argv: list[str] | None = None) -> int:
         all_wls = [w for w in workloads(args.quick) if w.name in WORKERS_WORKLOADS] + wls
     lines, summary = summarise(cells, all_wls, table_servers)
     gen_lines = generator_check(summary)
+    target_lines = target_check(summary) if "tsechod" in servers and not args.quick else []
     print()
     print("\n".join(lines))
+    if target_lines:
+        print("Issue 5 targets (tsechod):")
+        print("\n".join(target_lines))
     if gen_lines:
         print("Generator headroom (the C server is driven by the same generator):")
         print("\n".join(gen_lines))
@@ -541,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
 
     output = args.output if args.output else (None if args.quick else RESULTS_MD)
     if output is not None:
-        write_results(output, info, args, repeats, elapsed, lines, gen_lines, cells)
+        write_results(output, info, args, repeats, elapsed, lines, gen_lines, target_lines, cells)
         print(f"benchmark: wrote {output}")
     summary_json = {"bad_replies": {s: sum(int(c.result["bad_replies"]) for c in cells if c.result and c.server == s)
                                     for s in table_servers},
@@ -551,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_results(path: Path, info: dict[str, str], args: argparse.Namespace, repeats: int, elapsed: float,
-                  lines: list[str], gen_lines: list[str], cells: list[Cell]) -> None:
+                  lines: list[str], gen_lines: list[str], target_lines: list[str], cells: list[Cell]) -> None:
     cmd = "python benchmarks/run.py " + " ".join(sys.argv[1:])
     text = [
         "# Benchmark results",
@@ -572,6 +647,9 @@ def write_results(path: Path, info: dict[str, str], args: argparse.Namespace, re
         "",
         *lines,
     ]
+    if target_lines:
+        text += ["## Issue 5 targets", "", "Ratios of this run's medians (see the spreads above before trusting a "
+                 "near miss or a near pass).", "", *target_lines]
     if gen_lines:
         text += ["## Generator headroom", "",
                  "The same generator drives the single-threaded C epoll server; how far it gets above the best Python "
