@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Final
 
 from . import __version__, systemd
-from .config import Config, ConfigError, find_config_path, format_config, load_config, load_config_with_sources
+from .config import KEYS, Config, ConfigError, find_config_path, format_config, load_config, load_config_with_sources
 from .daemonize import DaemonizeError, ParentOutcome, PidFile, StartupReport, detach, drop_privileges, refuse_under_systemd
 from .logsetup import configure_logging, log_fds, log_file_stream
 from .server import ListenError, ServerState, open_servers
@@ -41,20 +41,8 @@ class StartupFailed(Exception):
     """The detached daemon reported that it could not start (exit 1)."""
 
 
-# Flags that override a config key: flag name -> Config field.
-OVERRIDE_FLAGS: Final = {
-    "--listen": "listen",
-    "--log-level": "log_level",
-    "--log-target": "log_target",
-    "--log-file": "log_file",
-    "--log-format": "log_format",
-    "--timestamp": "timestamp",
-    "--idle-timeout-s": "idle_timeout_s",
-    "--workers": "workers",
-    "--pid-file": "pid_file",
-    "--user": "user",
-    "--group": "group",
-}
+# Flags that override a config key: flag name -> Config field (config.KEYS says which keys have one).
+OVERRIDE_FLAGS: Final = {key.flag_name: key.name for key in KEYS if key.flag_name}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,14 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="detach into the background (classic daemon; not under systemd)")
     parser.add_argument("--version", action="version", version=f"tsechod {__version__}")
     group = parser.add_argument_group("config overrides")
-    for flag, field in OVERRIDE_FLAGS.items():
-        if field == "listen":
-            group.add_argument(flag, dest=field, action="append", metavar="HOST:PORT",
-                               help="address to listen on; repeat for several ([::1]:8009 for IPv6)")
+    for key in KEYS:
+        if key.flag_name is None:
+            continue
+        if key.name == "listen":
+            group.add_argument(key.flag_name, dest=key.name, action="append", metavar="HOST:PORT",
+                               help=f"{key.help}; repeat for several ([::1]:8009 for IPv6)")
         else:
-            group.add_argument(flag, dest=field, metavar=field.split("_")[-1].upper() if field.endswith("_s") else "VALUE",
-                               help=f"overrides the config key {field}")
+            group.add_argument(key.flag_name, dest=key.name, metavar=_metavar(key.name, key.type), help=key.help)
     return parser
+
+
+def _metavar(name: str, kind: str) -> str:
+    if name.endswith("_s"):
+        return "SECONDS"
+    if kind == "path":
+        return "PATH"
+    return "N" if kind.startswith("integer") else name.split("_")[-1].upper()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,7 +106,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def check_config(explicit: str | None, environ: Mapping[str, str], overrides: Mapping[str, object]) -> int:
     path = find_config_path(explicit, environ)
     config, sources = load_config_with_sources(path, environ, overrides)  # type: ignore[arg-type]
-    print(f"# tsechod {__version__}: effective config" + (f" (file {path})" if path else " (no config file)"))
     print(format_config(config, sources), end="")
     return EXIT_OK
 
