@@ -1,0 +1,507 @@
+"""tsechod under a real systemd: install.sh, then the service's whole life, then uninstall.sh.
+
+One lab (``../shared/tools/systemd-lab``: a private systemd as PID 1 of its own PID and mount
+namespaces) is booted for the module; ``install.sh`` runs inside it, the scenario tests below run
+in file order against the installed service, and the lab goes down at the end whatever happened.
+The lab shares this machine's network namespace, so tests talk to 127.0.0.1:8009 directly.
+
+The lab's file system is the machine's own, except /run, /tmp, /var/log and /etc/systemd/system.
+So that installing leaves the machine as it was, the fixture first bind-mounts private copies
+(under the lab's /run) over every other place install.sh writes: /etc/tsechod, /etc/logrotate.d,
+/usr/local/bin, /usr/local/share/man and /var/cache/man, and gives the lab a /opt of its own.
+
+Without root or unshare the lab cannot boot: the tests skip saying why, except under CI (the
+environment variable CI set), where they fail instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAB_TOOL = REPO.parent / "shared" / "tools" / "systemd-lab"
+CONFIG = "/etc/tsechod/tsechod.toml"
+PORT = 8009
+TIMEOUT_S = 10
+INSTALL_TIMEOUT_S = 600
+
+CTIME_REPLY = re.compile(rb"^\[\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\] (.*)\n$")
+ISO_REPLY = re.compile(rb"^\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[^\]]*\] (.*)\n$")
+STATUS = re.compile(r'Status: "(\d+) connections?, (\d+) lines?, (\d+) refused"')
+
+# Runs inside the lab as root; see the module docstring.
+ISOLATE = r"""
+set -eu
+for d in /etc/tsechod /etc/logrotate.d /usr/local/bin /usr/local/share/man /var/cache/man; do
+  copy=/run/tsecho-lab$d
+  mkdir -p "$copy" "$d"
+  cp -a "$d/." "$copy/"
+  mount --bind "$copy" "$d"
+done
+# /opt: a tmpfs with the machine's entries bound back in (pip's local package mirrors may live
+# there), so that /opt/tsechod is an ordinary directory that uninstall.sh can remove.
+mkdir -p /run/tsecho-lab/machine-opt
+mount --bind /opt /run/tsecho-lab/machine-opt
+mount -t tmpfs -o mode=0755 tmpfs /opt
+for entry in /run/tsecho-lab/machine-opt/* /run/tsecho-lab/machine-opt/.[!.]*; do
+  [ -e "$entry" ] || continue
+  name=${entry##*/}
+  [ "$name" = tsechod ] && continue
+  if [ -d "$entry" ]; then mkdir "/opt/$name"; else touch "/opt/$name"; fi
+  mount --bind "$entry" "/opt/$name"
+done
+"""
+
+pytestmark = pytest.mark.systemd
+
+
+def unavailable(reason: str) -> None:
+    """The lab can't run here: a skip on a developer's machine, a failure in CI."""
+    if os.environ.get("CI"):
+        pytest.fail(f"systemd lab needed in CI, but: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+class Lab:
+    """One booted systemd-lab, addressed by its id."""
+
+    def __init__(self, lab_id: str) -> None:
+        self.id = lab_id
+        self.notes: dict[str, dict[str, str]] = {}  # what one scenario leaves for a later one
+
+    def run(self, *cmd: str, check: bool = True, stdin: str | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run *cmd* inside the lab, from the repository directory."""
+        proc = subprocess.run(
+            [str(LAB_TOOL), "exec", self.id, "--", *cmd],
+            cwd=REPO, input=stdin, capture_output=True, text=True, timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"in the lab, {cmd} exited {proc.returncode}\n"
+                f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+            )
+        return proc
+
+    def sh(self, script: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+        return self.run("sh", "-c", script, **kwargs)  # type: ignore[arg-type]
+
+    def show(self, unit: str = "tsechod.service") -> dict[str, str]:
+        """A unit's properties (systemctl show), as a dict."""
+        out = self.run("systemctl", "show", unit).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def cursor(self) -> str:
+        """The journal's current end, to read only what comes after it."""
+        out = self.run("journalctl", "-n", "0", "--show-cursor", "--no-pager").stdout
+        match = re.search(r"-- cursor: (\S+)", out)
+        assert match, out
+        return match.group(1)
+
+    def journal(self, after: str | None = None, unit: str = "tsechod.service") -> list[dict[str, str]]:
+        cmd = ["journalctl", "-u", unit, "-o", "json", "--no-pager"]
+        if after:
+            cmd.append(f"--after-cursor={after}")
+        entries = []
+        for line in self.run(*cmd).stdout.splitlines():
+            entry = json.loads(line)
+            if isinstance(entry.get("MESSAGE"), list):  # journald's form for non-UTF-8 messages
+                entry["MESSAGE"] = bytes(entry["MESSAGE"]).decode(errors="replace")
+            entries.append(entry)
+        return entries
+
+    def wait_journal(self, predicate: Callable[[dict[str, str]], bool], after: str | None,
+                     what: str, timeout: float = TIMEOUT_S) -> dict[str, str]:
+        """The first journal entry of tsechod after *after* matching *predicate*, waiting for it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            entries = self.journal(after)
+            for entry in entries:
+                if predicate(entry):
+                    return entry
+            if time.monotonic() > deadline:
+                messages = "\n".join(f"  <{e.get('PRIORITY')}> {e.get('MESSAGE')}" for e in entries)
+                raise AssertionError(f"no journal entry {what} within {timeout} s; got:\n{messages}")
+            time.sleep(0.1)  # polling the journal: there is no event to block on
+
+    def read_config(self) -> str:
+        return self.run("cat", CONFIG).stdout
+
+    def write_config(self, text: str) -> None:
+        self.run("sh", "-c", f"cat > {CONFIG}", stdin=text)
+
+    def wait_active(self, timeout: float = TIMEOUT_S) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            props = self.show()
+            if props["ActiveState"] == "active" and props["SubState"] == "running":
+                return props
+            if time.monotonic() > deadline:
+                raise AssertionError(f"tsechod.service not active after {timeout} s: {props['ActiveState']}/{props['SubState']}")
+            time.sleep(0.05)
+
+
+def port_in_use(port: int) -> bool:
+    """Whether something on this machine already listens on 127.0.0.1:*port* (the lab would clash)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    if not LAB_TOOL.exists():
+        unavailable(f"{LAB_TOOL} not found (CI clones the repository with shared/ beside it)")
+    if os.geteuid() != 0:
+        unavailable("the systemd lab needs root")
+    if shutil.which("unshare") is None or shutil.which("nsenter") is None:
+        unavailable("the systemd lab needs unshare and nsenter (util-linux)")
+    if port_in_use(PORT):
+        unavailable(f"port {PORT} is already in use on this machine (another tsechod? ss -ltnp 'sport = :{PORT}')")
+    up = subprocess.run([str(LAB_TOOL), "up"], capture_output=True, text=True, timeout=120)
+    if up.returncode != 0:
+        unavailable(f"systemd-lab up failed ({up.returncode}): {up.stderr.strip()}")
+    created = [p for p in (Path("/etc/tsechod"),) if not p.exists()]
+    lab = Lab(up.stdout.strip())
+    try:
+        lab.sh(ISOLATE)
+        install = lab.run("./install.sh", timeout=INSTALL_TIMEOUT_S, check=False)
+        assert install.returncode == 0, f"install.sh failed:\n{install.stdout}\n{install.stderr}"
+        yield lab
+    finally:
+        subprocess.run([str(LAB_TOOL), "down", lab.id], timeout=60, check=False)
+        for path in created:  # the empty mount points ISOLATE made on the real file system
+            try:
+                path.rmdir()
+            except OSError:
+                pass
+
+
+def connect() -> socket.socket:
+    return socket.create_connection(("127.0.0.1", PORT), timeout=TIMEOUT_S)
+
+
+def recv_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise AssertionError(f"connection closed after {data!r}")
+        data += chunk
+    return data
+
+
+def round_trip(sock: socket.socket, line: bytes) -> bytes:
+    sock.sendall(line + b"\n")
+    return recv_line(sock)
+
+
+def set_key(config: str, key: str, value: str) -> str:
+    """*config* with `key = value` (the key is in the shipped file, possibly commented out)."""
+    new, count = re.subn(rf"(?m)^#?\s*{key}\s*=.*$", f"{key} = {value}", config, count=1)
+    assert count == 1, f"no {key} in the config"
+    return new
+
+
+# --- the life cycle, in order ------------------------------------------------------------------
+
+
+def test_service_and_socket_are_active_after_install(lab: Lab) -> None:
+    assert lab.run("systemctl", "is-active", "tsechod.socket", "tsechod.service").stdout.split() == ["active"] * 2
+    assert lab.run("systemctl", "is-enabled", "tsechod.socket", "tsechod.service").stdout.split() == ["enabled"] * 2
+
+
+def test_nc_round_trip_on_both_addresses(lab: Lab) -> None:
+    for host in ("127.0.0.1", "::1"):
+        reply = lab.sh(f"printf 'hello lab\\n' | nc -N {host} {PORT}", timeout=TIMEOUT_S).stdout.encode()
+        match = CTIME_REPLY.match(reply)
+        assert match and match.group(1) == b"hello lab", reply
+
+
+def test_journal_has_the_access_event_with_peer_and_info_priority(lab: Lab) -> None:
+    after = lab.cursor()
+    with connect() as sock:
+        peer = "%s:%d" % sock.getsockname()[:2]
+        assert CTIME_REPLY.match(round_trip(sock, b"journal me"))
+    entry = lab.wait_journal(lambda e: f"{peer} closed" in e["MESSAGE"], after, f"for {peer}")
+    assert "reason=eof" in entry["MESSAGE"] and "lines=1" in entry["MESSAGE"]
+    assert entry["PRIORITY"] == "6"  # info, as journalctl -p info shows it
+    assert entry["_SYSTEMD_UNIT"] == "tsechod.service"
+
+
+def test_systemctl_status_shows_live_figures(lab: Lab) -> None:
+    with connect() as sock:
+        round_trip(sock, b"counted")
+        deadline = time.monotonic() + 3 * 5 + TIMEOUT_S  # STATUS= is refreshed every few seconds
+        while True:
+            status = lab.run("systemctl", "status", "tsechod", "--no-pager", check=False).stdout
+            match = STATUS.search(status)
+            if match and int(match.group(1)) >= 1 and int(match.group(2)) >= 3:
+                break
+            assert time.monotonic() < deadline, f"no live STATUS= figures in:\n{status}"
+            time.sleep(0.2)  # polling systemctl status: there is no event to block on
+    assert int(match.group(3)) == 0  # nothing refused
+
+
+def test_reload_switches_the_timestamp_style_for_a_connected_client(lab: Lab) -> None:
+    original = lab.read_config()
+    with connect() as sock:
+        assert CTIME_REPLY.match(round_trip(sock, b"before"))
+        after = lab.cursor()
+        lab.write_config(set_key(original, "timestamp", '"iso"'))
+        lab.run("systemctl", "reload", "tsechod")
+        lab.wait_journal(lambda e: "reloaded" in e["MESSAGE"], after, "saying the reload is done")
+        assert lab.show()["ActiveState"] == "active"
+        reply = round_trip(sock, b"after")  # the same connection, still open
+        assert ISO_REPLY.match(reply), reply
+        assert ISO_REPLY.match(reply).group(1) == b"after"
+
+
+def test_reload_with_a_bad_config_keeps_running_and_says_why(lab: Lab) -> None:
+    good = lab.read_config()
+    pid = lab.show()["MainPID"]
+    after = lab.cursor()
+    try:
+        lab.write_config(good.replace("[server]\n", "[server]\nidle_timeout = 5\n", 1))
+        lab.run("systemctl", "reload", "tsechod")
+        entry = lab.wait_journal(lambda e: "unknown key 'idle_timeout'" in e["MESSAGE"], after, "with the config error")
+        assert CONFIG in entry["MESSAGE"]
+        assert entry["PRIORITY"] == "3"  # err: journalctl -p err finds it
+        props = lab.show()
+        assert (props["ActiveState"], props["MainPID"]) == ("active", pid)
+        with connect() as sock:
+            assert ISO_REPLY.match(round_trip(sock, b"still iso"))  # the running config kept
+    finally:
+        lab.write_config(good)
+
+
+def test_kill_9_is_restarted_within_2_s(lab: Lab) -> None:
+    before = lab.show()
+    lab.run("kill", "-9", before["MainPID"])
+    killed_at = time.monotonic()
+    while True:
+        props = lab.show()
+        if props["MainPID"] not in ("0", before["MainPID"]) and props["ActiveState"] == "active":
+            break
+        assert time.monotonic() - killed_at < 2.0, f"not restarted within 2 s: {props['ActiveState']}/{props['SubState']}"
+        time.sleep(0.02)
+    assert int(props["NRestarts"]) == int(before["NRestarts"]) + 1
+    with connect() as sock:
+        assert ISO_REPLY.match(round_trip(sock, b"back"))
+
+
+def test_restart_refuses_no_connection_through_the_socket_unit(lab: Lab) -> None:
+    stop = threading.Event()
+    answered: list[bytes] = []
+    errors: list[str] = []
+
+    def client_loop() -> None:
+        n = 0
+        while not stop.is_set() and n < 100_000:
+            n += 1
+            try:
+                with connect() as sock:
+                    reply = round_trip(sock, b"loop %d" % n)
+                    if not ISO_REPLY.match(reply):
+                        errors.append(f"connection {n}: {reply!r}")
+                    answered.append(reply)
+            except (OSError, AssertionError) as err:
+                errors.append(f"connection {n}: {err!r}")
+
+    old_pid = lab.show()["MainPID"]
+    thread = threading.Thread(target=client_loop, name="tsecho-test-client-loop")
+    thread.start()
+    try:
+        for _ in range(2):
+            before = len(answered)
+            lab.run("systemctl", "restart", "tsechod")
+            deadline = time.monotonic() + TIMEOUT_S
+            while len(answered) < before + 20 and time.monotonic() < deadline:  # the loop runs on
+                time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(timeout=TIMEOUT_S)
+    assert not thread.is_alive()
+    assert errors == []
+    assert len(answered) >= 40
+    assert lab.show()["MainPID"] != old_pid
+
+
+def test_logrotate_moves_the_log_file_and_no_line_is_lost(lab: Lab) -> None:
+    good = lab.read_config()
+    config = set_key(set_key(good, "log_target", '"file"'), "log_file", '"/var/log/tsechod/tsechod.log"')
+    after = lab.cursor()
+    lab.write_config(config)
+    lab.run("systemctl", "reload", "tsechod")
+    lab.wait_journal(lambda e: "reload" in e["MESSAGE"], after, "about the reload")
+    peers: list[str] = []
+    try:
+        for i in range(60):
+            if i == 30:
+                lab.run("logrotate", "--force", "--state", "/run/tsecho-lab/logrotate.state", "/etc/logrotate.d/tsechod")
+            with connect() as sock:
+                peers.append("%s:%d" % sock.getsockname()[:2])
+                round_trip(sock, b"rotate %d" % i)
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            logs = lab.sh("cat /var/log/tsechod/tsechod.log.1 /var/log/tsechod/tsechod.log").stdout
+            missing = [p for p in peers if f"{p} closed" not in logs]
+            if not missing:
+                break
+            assert time.monotonic() < deadline, f"access lines missing for {missing}"
+            time.sleep(0.1)
+        first_half, second_half = peers[:30], peers[30:]
+        rotated = lab.run("cat", "/var/log/tsechod/tsechod.log.1").stdout
+        current = lab.run("cat", "/var/log/tsechod/tsechod.log").stdout
+        assert all(f"{p} closed" in rotated for p in first_half)
+        assert all(f"{p} closed" in current for p in second_half[1:])  # the 31st may race the move
+        assert sum(logs.count(f"{p} closed") for p in peers) == len(peers)  # none written twice
+        assert lab.run("stat", "-c", "%a", "/var/log/tsechod/tsechod.log").stdout.strip() == "640"
+    finally:
+        after = lab.cursor()
+        lab.write_config(good)
+        lab.run("systemctl", "reload", "tsechod")
+        lab.wait_journal(lambda e: "reload" in e["MESSAGE"], after, "about the reload back to stderr")
+
+
+def test_stop_is_clean_without_sigkill(lab: Lab) -> None:
+    after = lab.cursor()
+    lab.run("systemctl", "stop", "tsechod.service")
+    props = lab.show()
+    assert props["ActiveState"] == "inactive"
+    assert props["Result"] == "success"
+    assert (props["ExecMainCode"], props["ExecMainStatus"]) == ("1", "0")  # exited (CLD_EXITED), status 0
+    messages = [e["MESSAGE"] for e in lab.journal(after)]
+    assert any("stopping" in m for m in messages), messages
+    assert not any("SIGKILL" in m or "Killing" in m for m in messages), messages
+
+
+def test_bad_config_at_start_fails_once_with_78_and_does_not_loop(lab: Lab) -> None:
+    good = lab.read_config()
+    restarts = int(lab.show()["NRestarts"])
+    after = lab.cursor()
+    try:
+        lab.write_config(set_key(good, "backlog", "0"))
+        start = lab.run("systemctl", "start", "tsechod.service", check=False)
+        assert start.returncode != 0
+        props = lab.show()
+        # failed/failed, not activating/auto-restart: systemd decided not to restart at the exit
+        assert (props["ActiveState"], props["SubState"], props["Result"]) == ("failed", "failed", "exit-code")
+        assert props["ExecMainStatus"] == "78"
+        assert int(props["NRestarts"]) == restarts
+        entry = lab.wait_journal(lambda e: "backlog = 0" in e["MESSAGE"], after, "with the config error")
+        assert entry["MESSAGE"] == f"tsechod: config error: {CONFIG}: [server] backlog = 0: must be an integer 1-65535"
+        lab.notes["bad start"] = entry
+    finally:
+        lab.write_config(good)
+        lab.run("systemctl", "reset-failed", "tsechod.service")
+    lab.run("systemctl", "start", "tsechod.service")
+    assert lab.show()["ActiveState"] == "active"
+
+
+def test_the_fatal_config_error_is_logged_at_err_priority(lab: Lab) -> None:
+    entry = lab.notes.get("bad start")
+    assert entry is not None, "needs test_bad_config_at_start_fails_once_with_78_and_does_not_loop first"
+    # journalctl -p err must show why the service failed, as it does for the reload error
+    assert entry["PRIORITY"] == "3", entry["MESSAGE"]
+
+
+def test_installed_units_verify_clean(lab: Lab) -> None:
+    proc = lab.run("systemd-analyze", "verify", "/etc/systemd/system/tsechod.service",
+                   "/etc/systemd/system/tsechod.socket", check=False)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+
+
+def test_man_pages_work_after_install(lab: Lab) -> None:
+    for page, expected in (("tsechod", "timestamp echo daemon"), ("tsechod.toml", "configuration file"),
+                           ("tsecho", "tsechod")):
+        proc = lab.run("man", "-P", "cat", page, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert expected in proc.stdout
+
+
+def test_install_again_keeps_the_config(lab: Lab) -> None:
+    marker = "# edited by the operator\n"
+    lab.write_config(marker + lab.read_config())
+    proc = lab.run("./install.sh", timeout=INSTALL_TIMEOUT_S)
+    assert f"keeping existing {CONFIG}" in proc.stdout
+    assert "reusing virtualenv" in proc.stdout
+    assert lab.read_config().startswith(marker)
+    lab.wait_active()
+
+
+def test_uninstall_leaves_no_unit_behind(lab: Lab) -> None:
+    proc = lab.run("./uninstall.sh")
+    assert "removed" in proc.stdout
+    assert lab.run("systemctl", "list-unit-files", "--no-legend", "tsechod*", check=False).stdout.strip() == ""
+    assert lab.run("systemctl", "list-units", "--all", "--no-legend", "tsechod*", check=False).stdout.strip() == ""
+    assert lab.run("systemctl", "is-active", "tsechod.socket", check=False).stdout.strip() == "inactive"
+    with pytest.raises(ConnectionRefusedError):
+        connect().close()
+    leftovers = lab.sh("ls -d /opt/tsechod/venv /etc/logrotate.d/tsechod /usr/local/bin/tsechod "
+                       "/usr/local/share/man/man8/tsechod.8 2>/dev/null || true").stdout
+    assert leftovers == ""
+    assert lab.run("test", "-f", CONFIG, check=False).returncode == 0  # the config stays
+    again = lab.run("./uninstall.sh")  # idempotent
+    assert "nothing to remove" in again.stdout
+
+
+# --- without a lab -------------------------------------------------------------------------------
+
+
+def needs_systemd_analyze() -> None:
+    if shutil.which("systemd-analyze") is None:
+        unavailable("systemd-analyze not installed (apt-get install systemd)")
+
+
+@pytest.mark.parametrize("unit", ["tsechod.service"])
+def test_unit_security_exposure_is_at_most_1_5(unit: str) -> None:
+    needs_systemd_analyze()
+    # --threshold is the exposure level times ten: 15 means 1.5.
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--threshold=15", f"systemd/{unit}"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d)", proc.stdout)
+    assert match, proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"exposure {match.group(1)} > 1.5:\n{proc.stdout}"
+    assert float(match.group(1)) <= 1.5
+
+
+def test_man_pages_render_without_warnings(tmp_path: Path) -> None:
+    if shutil.which("man") is None:
+        unavailable("man not installed (apt-get install man-db)")
+    subprocess.run([str(REPO / "install.sh"), "--man", str(tmp_path)], check=True, timeout=60)
+    pages = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.[0-9]"))
+    assert pages == ["man1/tsecho.1", "man5/tsechod.toml.5", "man8/tsechod.8"]
+    for page in pages:
+        proc = subprocess.run(["man", "--warnings", "-l", "-P", "cat", str(tmp_path / page)],
+                              capture_output=True, text=True, timeout=60, env={**os.environ, "MANWIDTH": "80"})
+        assert (proc.returncode, proc.stderr) == (0, ""), page
+        assert proc.stdout.splitlines()[0].startswith(Path(page).stem.upper())
+        assert "\nNAME\n" in proc.stdout
+
+
+def test_man_page_of_the_config_lists_every_key_of_the_shipped_config() -> None:
+    import tomllib
+
+    shipped = tomllib.loads((REPO / "etc" / "tsechod.toml").read_text())
+    keys = {key for section in shipped.values() for key in section}
+    keys |= set(re.findall(r"(?m)^#\s*(\w+)\s*=", (REPO / "etc" / "tsechod.toml").read_text()))
+    page = (REPO / "docs" / "tsechod.toml.5.md").read_text()
+    assert sorted(k for k in keys if f"`{k}`" not in page) == []
