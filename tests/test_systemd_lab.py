@@ -305,6 +305,36 @@ def test_kill_9_is_restarted_within_2_s(lab: Lab) -> None:
         assert ISO_REPLY.match(round_trip(sock, b"back"))
 
 
+def test_a_frozen_daemon_is_restarted_by_the_watchdog(lab: Lab) -> None:
+    # WatchdogSec=30s would make this slow: a drop-in shortens it, as an operator would.
+    lab.sh("mkdir -p /etc/systemd/system/tsechod.service.d && printf '[Service]\\nWatchdogSec=2s\\n' "
+           ">/etc/systemd/system/tsechod.service.d/test-watchdog.conf && systemctl daemon-reload")
+    try:
+        lab.run("systemctl", "restart", "tsechod")
+        before = lab.wait_active()
+        assert before["WatchdogUSec"] in ("2s", "2000000")
+        # Pings keep it alive for several watchdog periods...
+        with connect() as sock:
+            for _ in range(3):
+                assert ISO_REPLY.match(round_trip(sock, b"alive"))
+                time.sleep(2.0)  # not a wait for an event: letting watchdog periods pass is the test
+        assert lab.show()["MainPID"] == before["MainPID"]
+        # ...and a daemon that stops pinging (frozen) is killed and started again.
+        lab.run("kill", "-STOP", before["MainPID"])
+        deadline = time.monotonic() + 2 + 5
+        while True:
+            props = lab.show()
+            if props["MainPID"] not in ("0", before["MainPID"]) and props["ActiveState"] == "active":
+                break
+            assert time.monotonic() < deadline, f"watchdog did not restart it: {props['ActiveState']}/{props['SubState']}"
+            time.sleep(0.05)
+        assert int(props["NRestarts"]) == int(before["NRestarts"]) + 1
+    finally:
+        lab.sh("rm -rf /etc/systemd/system/tsechod.service.d && systemctl daemon-reload")
+        lab.run("systemctl", "restart", "tsechod")
+    assert lab.wait_active()["WatchdogUSec"] in ("30s", "30000000")
+
+
 def test_restart_refuses_no_connection_through_the_socket_unit(lab: Lab) -> None:
     stop = threading.Event()
     answered: list[bytes] = []
