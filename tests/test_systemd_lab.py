@@ -475,6 +475,32 @@ def test_install_again_keeps_the_config(lab: Lab) -> None:
     lab.wait_active()
 
 
+def documented_block(marker: str) -> str:
+    """The ```sh block after `<!-- marker` in docs/operations.md, without the `sudo `s."""
+    text = (REPO / "docs" / "operations.md").read_text()
+    match = re.search(rf"<!-- {marker}\b.*?-->\n```sh\n(.*?)```", text, re.S)
+    assert match, f"no block marked {marker} in docs/operations.md"
+    return re.sub(r"(?m)(^|\| )sudo ", r"\1", match.group(1))
+
+
+def test_a_second_instance_as_documented(lab: Lab) -> None:
+    lab.sh("set -e\n" + documented_block("instance-recipe"))
+    try:
+        config = set_key(lab.run("cat", "/etc/tsechod/b.toml").stdout, "timestamp", '"epoch"')
+        lab.run("sh", "-c", "cat > /etc/tsechod/b.toml", stdin=config)
+        lab.run("systemctl", "restart", "tsechod-b")
+        assert lab.run("systemctl", "is-active", "tsechod-b.socket", "tsechod-b.service").stdout.split() == ["active"] * 2
+        with socket.create_connection(("127.0.0.1", 8010), timeout=TIMEOUT_S) as sock:
+            assert re.match(rb"^\[\d+(\.\d+)?\] b\n$", round_trip(sock, b"b"))
+        with connect() as sock:  # the first instance is untouched
+            assert ISO_REPLY.match(round_trip(sock, b"a"))
+        assert lab.show("tsechod-b.service")["LogsDirectory"] == "tsechod-b"
+    finally:
+        lab.sh("set -e\n" + documented_block("instance-removal"))
+        lab.run("rm", "/etc/tsechod/b.toml")
+    assert lab.run("systemctl", "list-unit-files", "--no-legend", "tsechod-b*", check=False).stdout.strip() == ""
+
+
 def test_uninstall_leaves_no_unit_behind(lab: Lab) -> None:
     proc = lab.run("./uninstall.sh")
     assert "removed" in proc.stdout
