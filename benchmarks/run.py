@@ -618,9 +618,13 @@ def main(argv: list[str] | None = None) -> int:
     if output is not None:
         write_results(output, info, args, repeats, elapsed, lines, gen_lines, target_lines, cells)
         print(f"benchmark: wrote {output}")
-    summary_json = {"bad_replies": {s: sum(int(c.result["bad_replies"]) for c in cells if c.result and c.server == s)
-                                    for s in table_servers},
-                    "medians": {k: v for k, v in summary.items() if ":" not in k}}
+    summary_json = {
+        "bad_replies": {s: sum(int(c.result["bad_replies"]) for c in cells if c.result and c.server == s)
+                        for s in table_servers},
+        "runs_ok": {s: sum(1 for c in cells if c.server == s and c.result and not c.error) for s in table_servers},
+        "failed": {s: [c.error for c in cells if c.server == s and c.error] for s in table_servers},
+        "medians": {k: v for k, v in summary.items() if ":" not in k},
+    }
     print("SUMMARY " + json.dumps(summary_json, sort_keys=True))
     return 0
 
