@@ -113,8 +113,17 @@ class Cell:
     server: str
     result: dict[str, Any] | None = None
     error: str | None = None
-    server_cpu_pct: float | None = None
+    server_cpu_pct: float | None = None  # CPU time / wall time while the generator ran
     gen_cpu_pct: float | None = None
+    server_cpu_s: float = 0.0
+    gen_cpu_s: float = 0.0
+
+    def cpu_us_per_reply(self) -> tuple[float, float]:
+        """(server, generator) CPU microseconds per checked reply over the whole run."""
+        n = int(self.result.get("replies_checked", 0)) if self.result else 0
+        if not n:
+            return float("nan"), float("nan")
+        return 1e6 * self.server_cpu_s / n, 1e6 * self.gen_cpu_s / n
     before: dict[str, int] = field(default_factory=dict)  # server RSS/threads before the load
     during: dict[str, int] = field(default_factory=dict)  # ... while holding
 
@@ -318,8 +327,10 @@ def run_cell(wl: Workload, server: Server, args: argparse.Namespace, label: str)
         return cell
     wall = time.monotonic() - t0
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cell.server_cpu_pct = 100 * (cpu_seconds(pid) - cpu0) / wall
-    cell.gen_cpu_pct = 100 * ((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)) / wall
+    cell.server_cpu_s = cpu_seconds(pid) - cpu0
+    cell.gen_cpu_s = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    cell.server_cpu_pct = 100 * cell.server_cpu_s / wall
+    cell.gen_cpu_pct = 100 * cell.gen_cpu_s / wall
     if gen.returncode != 0:
         cell.error = f"load generator exited {gen.returncode}: {' '.join(stderr_lines)[-300:]}"
         return cell
@@ -403,8 +414,8 @@ def summarise(all_cells: list[Cell], wls: list[Workload], servers: list[str]) ->
             lines.append("| server | set-up s (median) | spread | x uvloop (time) | held/survived | errors | RSS before KiB | RSS holding KiB | KiB per conn | threads before | threads holding |")
             lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         else:
-            lines.append(f"| server | {wl.unit} (median) | spread (min-max) | x uvloop | x C | p50 us | p99 us | p99.9 us | errors | bad replies | server CPU % | generator CPU % |")
-            lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+            lines.append(f"| server | {wl.unit} (median) | spread (min-max) | x uvloop | x C | p50 us | p99 us | p99.9 us | errors | bad replies | server CPU % | generator CPU % | server CPU us/reply | generator CPU us/reply |")
+            lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for s in rows:
             cs = cells_of[s]
             ok = [c for c in cs if c.result is not None]
@@ -415,7 +426,7 @@ def summarise(all_cells: list[Cell], wls: list[Workload], servers: list[str]) ->
             bad = sum(int(c.result["bad_replies"]) for c in ok)
             if not ok:
                 note = failed[0] if failed else "no result"
-                lines.append(f"| {s} | failed: {note[:120]} |" + " |" * (10 if wl.name == "hold" else 11))
+                lines.append(f"| {s} | failed: {note[:120]} |" + " |" * (10 if wl.name == "hold" else 13))
                 continue
             if wl.name == "hold":
                 held = median([float(c.result["held"]) for c in ok])
@@ -440,14 +451,19 @@ def summarise(all_cells: list[Cell], wls: list[Workload], servers: list[str]) ->
                 lat = {k: median(metric_values(cs, k)) for k in ("p50_us", "p99_us", "p999_us")}
                 scpu = median([c.server_cpu_pct for c in ok if c.server_cpu_pct is not None])
                 gcpu = median([c.gen_cpu_pct for c in ok if c.gen_cpu_pct is not None])
+                s_us = median([c.cpu_us_per_reply()[0] for c in ok])
+                g_us = median([c.cpu_us_per_reply()[1] for c in ok])
+                summary[wl.name + ":cpu"] = summary.get(wl.name + ":cpu", {})
+                summary[wl.name + ":cpu"][s] = (s_us, g_us)
                 summary[wl.name + ":latency"] = summary.get(wl.name + ":latency", {})
                 summary[wl.name + ":latency"][s] = lat
                 lines.append(
                     f"| {s} | {fmt(med[s])} | {spread} | {fmt(r_uv, 2)} | {fmt(r_c, 2)} | {fmt(lat['p50_us'], 1)} | "
-                    f"{fmt(lat['p99_us'], 1)} | {fmt(lat['p999_us'], 1)} | {errors} | {bad} | {fmt(scpu)} | {fmt(gcpu)} |"
+                    f"{fmt(lat['p99_us'], 1)} | {fmt(lat['p999_us'], 1)} | {errors} | {bad} | {fmt(scpu)} | {fmt(gcpu)} | "
+                    f"{fmt(s_us, 1)} | {fmt(g_us, 1)} |"
                 )
             for err in failed:
-                lines.append(f"|  | failed run: {err[:150]} |" + " |" * (10 if wl.name == "hold" else 11))
+                lines.append(f"|  | failed run: {err[:150]} |" + " |" * (10 if wl.name == "hold" else 13))
         lines.append("")
     return lines, summary
 
@@ -463,10 +479,13 @@ def generator_check(summary: dict[str, Any]) -> list[str]:
             continue
         best = max(py, key=lambda s: py[s])
         ratio = meds["c-epoll"] / py[best] if py[best] else float("nan")
-        out.append(f"| {name} | {fmt(meds['c-epoll'])} | {best} {fmt(py[best])} | {fmt(ratio, 2)} |")
+        s_us, g_us = summary.get(name + ":cpu", {}).get("c-epoll", (float("nan"), float("nan")))
+        out.append(f"| {name} | {fmt(meds['c-epoll'])} | {best} {fmt(py[best])} | {fmt(ratio, 2)} | "
+                   f"{fmt(s_us, 2)} | {fmt(g_us, 2)} |")
     if not out:
         return []
-    return ["| workload | C server | best Python server | C / best Python |", "|---|---|---|---|", *out, ""]
+    return ["| workload | C server | best Python server | C / best Python | C server CPU us/reply | generator CPU us/reply (driving C) |",
+            "|---|---|---|---|---|---|", *out, ""]
 
 
 def target_check(summary: dict[str, Any], server: str = "tsechod") -> list[str]:
@@ -657,11 +676,15 @@ def write_results(path: Path, info: dict[str, str], args: argparse.Namespace, re
     if gen_lines:
         text += ["## Generator headroom", "",
                  "The same generator drives the single-threaded C epoll server; how far it gets above the best Python "
-                 "server shows the generator is not what limits the Python numbers.", "", *gen_lines]
+                 "server shows the generator is not what limits the Python numbers. Where that ratio is small, compare "
+                 "the CPU each side spends per reply: a generator that needs less CPU per reply than the C server "
+                 "(each on its own core) leaves the C server's core to saturate first, so the limit is the server "
+                 "side (mostly the kernel's per-send cost on loopback), not the generator.", "", *gen_lines]
     text += ["## Raw runs", "", "One JSON line per run, as the generator printed it (plus CPU and memory).", "", "```"]
     for c in cells:
         row = dict(c.result or {"label": c.server, "workload": c.workload, "error": c.error})
-        row.update({"server_cpu_pct": round(c.server_cpu_pct or 0, 1), "gen_cpu_pct": round(c.gen_cpu_pct or 0, 1)})
+        row.update({"server_cpu_s": round(c.server_cpu_s, 3), "gen_cpu_s": round(c.gen_cpu_s, 3),
+                    "server_cpu_pct": round(c.server_cpu_pct or 0, 1), "gen_cpu_pct": round(c.gen_cpu_pct or 0, 1)})
         if c.during:
             row.update({"before": c.before, "during": c.during})
         text.append(json.dumps(row))
