@@ -186,8 +186,12 @@ def tsechod(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     yield start
     for daemon in started:
         if daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.proc.wait(timeout=10)
+            daemon.proc.terminate()  # a supervisor stops its workers on SIGTERM
+            try:
+                daemon.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                daemon.proc.kill()
+                daemon.proc.wait(timeout=10)
 
 
 @pytest.fixture

@@ -87,3 +87,15 @@ def test_ready_is_sent_once_every_worker_is_up(tsechod, tmp_path: Path) -> None:
         assert "2 workers ready" in d.log_text()
         status = listener.recv(4096).decode()
         assert re.match(r"STATUS=2 workers, \d+ connections, \d+ lines, \d+ refused", status), status
+
+
+def test_workers_stop_when_the_supervisor_is_killed(tsechod) -> None:
+    d = tsechod("[server]\nworkers = 2\n")
+    d.wait_for_log(r"2 workers ready")
+    workers = [psutil.Process(pid) for pid in workers_of(d.pid)]
+    d.proc.kill()  # SIGKILL: the supervisor can't forward anything
+    d.proc.wait(timeout=10)
+    gone, alive = psutil.wait_procs(workers, timeout=15)
+    assert alive == []
+    with socket.socket() as probe:
+        assert probe.connect_ex(d.address) != 0  # nobody serves the port any more

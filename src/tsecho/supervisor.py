@@ -12,6 +12,7 @@ worker's accept loop turns). No sockets are served here; see service.py.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
@@ -41,6 +42,7 @@ QUICK_DEATH_S: Final = 1.0
 RESTART_PAUSE_S: Final = 1.0
 # Workers tick this often (STATUS figures, accept-loop liveness) into shared memory.
 WORKER_TICK_S: Final = 1.0
+PR_SET_PDEATHSIG: Final = 1  # from <linux/prctl.h>
 _SLOT: Final = struct.Struct("qqqd")  # connections, lines, refused, monotonic time the accept loops last turned
 
 
@@ -90,6 +92,7 @@ class Supervisor:
         self._figures = SharedFigures(config.workers)
         self._ready_r, self._ready_w = os.pipe()
         self._stopping = False
+        self._supervisor_pid = os.getpid()
 
     # -- the supervisor ------------------------------------------------------------------
 
@@ -252,6 +255,7 @@ class Supervisor:
 
     def _worker_main(self, index: int) -> int:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _stop_with_parent(self._supervisor_pid)
         os.close(self._ready_r)
         state = ServerState(self.config)
         servers = [EchoServer(sock, state) for sock in self.sockets]
@@ -272,6 +276,19 @@ class Supervisor:
 
         service = Service(servers, state, self.load_config, notify=notify, watchdog_s=3 * WORKER_TICK_S)
         return service.run_until_stopped()
+
+
+def _stop_with_parent(supervisor_pid: int) -> None:
+    """Have the kernel send us SIGTERM when the supervisor dies, even by SIGKILL.
+
+    Otherwise a killed supervisor would leave its workers serving, orphaned,
+    with nobody to stop them or to tell systemd about them.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        logger.warning("cannot ask to be stopped with the supervisor: %s", os.strerror(ctypes.get_errno()))
+    if os.getppid() != supervisor_pid:  # it died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _describe_status(status: int) -> str:
