@@ -34,6 +34,16 @@ STOP_GRACE_S: Final = 1.0
 Notify = Callable[[str], object]
 
 
+def ignore_signals_while_exiting() -> None:
+    """The stop is done: a late signal must not turn the exit status 0 into a kill.
+
+    Python restores the default handlers while the interpreter shuts down, and
+    the default action of SIGTERM, SIGINT, SIGHUP and SIGUSR1 is to terminate.
+    """
+    for signum in (*STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class Service:
     """The running daemon: its listeners, the shared state, and how to reload."""
 
@@ -174,6 +184,7 @@ class Service:
         self.stop()
         self.state.log_refusals(force=True)
         logger.info("stopped")
+        ignore_signals_while_exiting()
         return 0
 
     def _tick(self) -> None:

@@ -29,7 +29,7 @@ from . import systemd
 from .config import Config, ConfigError
 from .logsetup import configure_logging, reopen_logs
 from .server import EchoServer, ServerState
-from .service import STOP_GRACE_S, STOP_SIGNALS, Notify, Service
+from .service import STOP_GRACE_S, STOP_SIGNALS, Notify, Service, ignore_signals_while_exiting
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +135,7 @@ class Supervisor:
                 self._report()
         self._stop()
         logger.info("stopped")
+        ignore_signals_while_exiting()
         return 0
 
     def _reload(self) -> None:
