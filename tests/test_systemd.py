@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import struct
 import subprocess
@@ -192,7 +194,7 @@ os.environ["LISTEN_PID"] = str(os.getpid())
 os.environ["LISTEN_FDS"] = str(len(high))
 if names:
     os.environ["LISTEN_FDNAMES"] = names
-os.execv(sys.executable, [sys.executable, "-c", sys.argv[3]])
+os.execv(sys.argv[3], sys.argv[3:])
 """
 
 
@@ -221,7 +223,7 @@ def test_listen_fds_takes_over_inherited_listening_sockets(names) -> None:
         fds = ",".join(str(s.fileno()) for s in passed)
         env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
         with subprocess.Popen(
-            [sys.executable, "-c", WRAPPER, names, fds, CHILD],
+            [sys.executable, "-c", WRAPPER, names, fds, sys.executable, "-c", CHILD],
             pass_fds=[s.fileno() for s in passed],
             stdout=subprocess.PIPE,
             env=env,
@@ -252,7 +254,7 @@ def test_listen_fds_refuses_an_fd_that_is_not_a_socket() -> None:
     read_end, write_end = os.pipe()
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", WRAPPER, "", str(read_end), code],
+            [sys.executable, "-c", WRAPPER, "", str(read_end), sys.executable, "-c", code],
             pass_fds=[read_end],
             capture_output=True,
             text=True,
@@ -263,3 +265,105 @@ def test_listen_fds_refuses_an_fd_that_is_not_a_socket() -> None:
         os.close(write_end)
     assert proc.returncode == 0, proc.stderr
     assert "fd 3 is not a socket" in proc.stdout
+
+
+# --- the daemon speaks both protocols (what tsechod.service relies on) ---------------------------
+
+
+def recv_messages(sock: socket.socket, until: str, timeout: float = TIMEOUT_S) -> list[tuple[str, int]]:
+    """Datagrams (with sender PID) up to and including the first that starts with *until*."""
+    got: list[tuple[str, int]] = []
+    deadline = time.monotonic() + timeout
+    while not got or not got[-1][0].startswith(until):
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            got.append(recv_with_pid(sock))
+        except TimeoutError:
+            raise AssertionError(f"no {until!r} within {timeout} s; got {got}") from None
+    return got
+
+
+def daemon_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LISTEN_", "NOTIFY_", "WATCHDOG_", "TSECHOD_", "JOURNAL_")) and k != "INVOCATION_ID"}
+    return {**env, **extra}
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tsechod.toml"
+    path.write_text('[server]\nlisten = ["127.0.0.1:0"]\n')
+    return path
+
+
+DAEMON = [sys.executable, "-m", "tsecho.cli"]
+
+
+def test_daemon_notifies_ready_status_reloading_and_stopping(notify_socket, config_file: Path) -> None:
+    path, sock = notify_socket
+    with subprocess.Popen([*DAEMON, "--config", str(config_file)], env=daemon_env(NOTIFY_SOCKET=path),
+                          stderr=subprocess.DEVNULL) as proc:
+        try:
+            got = recv_messages(sock, "READY=1")
+            assert {pid for _, pid in got} == {proc.pid}  # NotifyAccess=main: only the main process
+            got = recv_messages(sock, "STATUS=")
+            assert re.fullmatch(r"STATUS=\d+ connections, \d+ lines, \d+ refused", got[-1][0])
+
+            proc.send_signal(signal.SIGHUP)
+            got = recv_messages(sock, "RELOADING=1")
+            reloading = got[-1][0].split("\n")
+            assert reloading[0] == "RELOADING=1"
+            usec = int(reloading[1].removeprefix("MONOTONIC_USEC="))
+            assert 0 < usec <= systemd.monotonic_usec()
+            assert recv_messages(sock, "READY=1")[-1][1] == proc.pid
+
+            proc.send_signal(signal.SIGTERM)
+            assert recv_messages(sock, "STOPPING=1")[-1][1] == proc.pid
+            assert proc.wait(timeout=TIMEOUT_S) == 0
+        finally:
+            proc.kill()
+
+
+def test_daemon_pings_the_watchdog(notify_socket, config_file: Path) -> None:
+    path, sock = notify_socket
+    env = daemon_env(NOTIFY_SOCKET=path, WATCHDOG_USEC="900000")
+    with subprocess.Popen([*DAEMON, "--config", str(config_file)], env=env, stderr=subprocess.DEVNULL) as proc:
+        try:
+            recv_messages(sock, "READY=1")
+            started = time.monotonic()
+            for _ in range(3):  # three pings, each within the 0.9 s the watchdog allows
+                recv_messages(sock, "WATCHDOG=1", timeout=0.9)
+            assert time.monotonic() - started < 3 * 0.9
+        finally:
+            proc.terminate()
+            proc.wait(timeout=TIMEOUT_S)
+
+
+def test_daemon_serves_on_the_sockets_systemd_passes(config_file: Path) -> None:
+    with listening(socket.AF_INET, "127.0.0.1") as passed:
+        address = "%s:%d" % passed.getsockname()[:2]
+        with subprocess.Popen(
+            [sys.executable, "-c", WRAPPER, "tsechod", str(passed.fileno()), *DAEMON, "--config", str(config_file)],
+            pass_fds=[passed.fileno()], env=daemon_env(), stderr=subprocess.PIPE, text=True,
+        ) as proc:
+            try:
+                assert proc.stderr is not None
+                line = ""
+                while "listening on" not in line:
+                    line = proc.stderr.readline()
+                    assert line, "tsechod exited before listening"
+                assert f"listening on {address} (socket activation)" in line
+                with socket.create_connection(passed.getsockname()[:2], timeout=TIMEOUT_S) as client:
+                    client.sendall(b"activated\n")
+                    reply = b""
+                    while not reply.endswith(b"\n"):
+                        chunk = client.recv(4096)
+                        assert chunk, reply
+                        reply += chunk
+                    assert reply.endswith(b"] activated\n")
+                proc.terminate()
+                rest = proc.communicate(timeout=TIMEOUT_S)[1]
+                assert "listening on" not in rest  # the config's own listen (port 0) was not bound too
+                assert proc.returncode == 0
+            finally:
+                proc.kill()
