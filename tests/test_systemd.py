@@ -367,3 +367,14 @@ def test_daemon_serves_on_the_sockets_systemd_passes(config_file: Path) -> None:
                 assert proc.returncode == 0
             finally:
                 proc.kill()
+
+
+def test_daemon_reports_broken_activation_in_one_line(config_file: Path) -> None:
+    code = "import os, sys\nos.environ['LISTEN_PID'] = str(os.getpid())\nos.execv(sys.argv[1], sys.argv[1:])"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *DAEMON, "--config", str(config_file)],
+        env=daemon_env(LISTEN_FDS="two"), capture_output=True, text=True, timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-1].startswith("tsechod: socket activation: ")
+    assert "Traceback" not in proc.stderr

@@ -31,8 +31,12 @@ NOTIFY_TIMEOUT_S: Final = 2.0
 _ACTIVATION_VARS: Final = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 
-class SocketActivationError(ValueError):
-    """systemd's socket-activation variables are malformed or name something that isn't a socket."""
+class SocketActivationError(OSError):
+    """systemd's socket-activation variables are malformed or name something that isn't a socket.
+
+    An OSError, like a failed bind: the daemon can't get its listeners (exit status 1).
+    str() is the one-line message.
+    """
 
 
 def notify(message: str, environ: Mapping[str, str] = os.environ) -> bool:
