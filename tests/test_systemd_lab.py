@@ -221,6 +221,7 @@ def set_key(config: str, key: str, value: str) -> str:
 # --- the life cycle, in order ------------------------------------------------------------------
 
 
+@pytest.mark.timeout(INSTALL_TIMEOUT_S + 180)  # the fixture's boot and install.sh count here
 def test_service_and_socket_are_active_after_install(lab: Lab) -> None:
     assert lab.run("systemctl", "is-active", "tsechod.socket", "tsechod.service").stdout.split() == ["active"] * 2
     assert lab.run("systemctl", "is-enabled", "tsechod.socket", "tsechod.service").stdout.split() == ["enabled"] * 2
@@ -251,7 +252,7 @@ def test_systemctl_status_shows_live_figures(lab: Lab) -> None:
         while True:
             status = lab.run("systemctl", "status", "tsechod", "--no-pager", check=False).stdout
             match = STATUS.search(status)
-            if match and int(match.group(1)) >= 1 and int(match.group(2)) >= 3:
+            if match and int(match.group(1)) >= 1 and int(match.group(2)) >= 1:
                 break
             assert time.monotonic() < deadline, f"no live STATUS= figures in:\n{status}"
             time.sleep(0.2)  # polling systemctl status: there is no event to block on
@@ -474,6 +475,7 @@ def test_man_pages_work_after_install(lab: Lab) -> None:
         assert expected in proc.stdout
 
 
+@pytest.mark.timeout(INSTALL_TIMEOUT_S + 60)
 def test_install_again_keeps_the_config(lab: Lab) -> None:
     marker = "# edited by the operator\n"
     lab.write_config(marker + lab.read_config())
