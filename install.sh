@@ -14,6 +14,8 @@
 # Then: systemctl daemon-reload, enable tsechod.socket + tsechod.service, and (when systemd is
 # running) start the socket and (re)start the service, so an upgrade takes effect at once.
 set -euo pipefail
+# The service's dynamic user must read the venv and the config, whatever root's umask is.
+umask 022
 
 PREFIX=/opt/tsechod
 VENV=$PREFIX/venv
@@ -192,7 +194,7 @@ done
 find "$build/src" -name '*.egg-info' -prune -exec rm -rf {} +
 say "installing tsecho and its dependencies into $VENV (pip)"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir "$build" \
-  || die "pip install failed (see above); nothing else was changed"
+  || die "pip install into $VENV failed (see above); nothing else was changed"
 "$VENV/bin/tsechod" --help >/dev/null || die "$VENV/bin/tsechod does not run (see above)"
 ln -sfn "$VENV/bin/tsechod" "$BIN_DIR/tsechod"
 ln -sfn "$VENV/bin/tsecho" "$BIN_DIR/tsecho"
