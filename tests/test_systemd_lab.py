@@ -180,7 +180,8 @@ def lab() -> Iterator[Lab]:
     lab = Lab(up.stdout.strip())
     try:
         lab.sh(ISOLATE)
-        install = lab.run("./install.sh", timeout=INSTALL_TIMEOUT_S, check=False)
+        # Under a strict umask, as on hardened hosts: the dynamic user must still read the venv.
+        install = lab.sh("umask 077 && exec ./install.sh", timeout=INSTALL_TIMEOUT_S, check=False)
         assert install.returncode == 0, f"install.sh failed:\n{install.stdout}\n{install.stderr}"
         yield lab
     finally:
