@@ -20,8 +20,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +34,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 LAB_TOOL = REPO.parent / "shared" / "tools" / "systemd-lab"
 CONFIG = "/etc/tsechod/tsechod.toml"
+TSECHOD = [sys.executable, "-m", "tsecho.cli"]
 PORT = 8009
 TIMEOUT_S = 10
 INSTALL_TIMEOUT_S = 600
@@ -573,3 +576,65 @@ def test_man_page_of_the_config_lists_every_key_of_the_shipped_config() -> None:
     keys |= set(re.findall(r"(?m)^#\s*(\w+)\s*=", (REPO / "etc" / "tsechod.toml").read_text()))
     page = (REPO / "docs" / "tsechod.toml.5.md").read_text()
     assert sorted(k for k in keys if f"`{k}`" not in page) == []
+
+
+def test_shipped_logrotate_file_rotates_a_classic_daemon_without_losing_lines(tmp_path: Path) -> None:
+    """etc/logrotate.d/tsechod for real (logrotate --force), against `tsechod --daemon`.
+
+    Only the paths are rewritten into tmp_path; outside systemd its postrotate falls back to the
+    pid file. Every access line must end up in exactly one of the two files.
+    """
+    logrotate = shutil.which("logrotate") or shutil.which("/usr/sbin/logrotate")
+    if logrotate is None:
+        unavailable("logrotate not installed (apt-get install logrotate)")
+    if os.geteuid() != 0:
+        unavailable("logrotate reads root-owned configs only when run as root")
+    shipped = (REPO / "etc" / "logrotate.d" / "tsechod").read_text()
+    assert "/var/log/tsechod/*.log" in shipped and "/run/tsechod/tsechod.pid" in shipped
+    directives = [line.split()[0] for line in shipped.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert "create" in directives and "copytruncate" not in directives
+    logs, pid_file = tmp_path / "log", tmp_path / "run" / "tsechod.pid"
+    logs.mkdir(mode=0o755)
+    pid_file.parent.mkdir()
+    conf = tmp_path / "tsechod.logrotate"
+    conf.write_text(shipped.replace("/var/log/tsechod", str(logs)).replace("/run/tsechod/tsechod.pid", str(pid_file)))
+    log = logs / "tsechod.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("INVOCATION_ID", "NOTIFY_SOCKET") and not k.startswith("TSECHOD_")}
+    start = subprocess.run(
+        [*TSECHOD, "--daemon", "--pid-file", str(pid_file), "--log-target", "file", "--log-file", str(log),
+         "--listen", "127.0.0.1:0"],
+        env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+    )
+    assert start.returncode == 0, start.stderr
+    pid = int(pid_file.read_text())
+    try:
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text())
+        assert match, log.read_text()
+        port = int(match.group(1))
+        peers = []
+        for i in range(40):
+            if i == 20:
+                subprocess.run([logrotate, "--force", "--state", str(tmp_path / "state"), str(conf)],
+                               check=True, timeout=60)
+            with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S) as sock:
+                peers.append("%s:%d" % sock.getsockname()[:2])
+                round_trip(sock, b"line %d" % i)
+        rotated = logs / "tsechod.log.1"
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            text = rotated.read_text() + log.read_text()
+            if all(f"{p} closed" in text for p in peers):
+                break
+            assert time.monotonic() < deadline, [p for p in peers if f"{p} closed" not in text]
+            time.sleep(0.05)  # polling files: there is no event to block on
+        assert all(text.count(f"{p} closed") == 1 for p in peers)
+        assert all(f"{p} closed" in rotated.read_text() for p in peers[:20])
+        assert "received SIGUSR1" in rotated.read_text()
+        assert f"{peers[-1]} closed" in log.read_text()
+        assert oct(log.stat().st_mode & 0o777) == "0o640"
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + TIMEOUT_S
+    while pid_file.exists():  # removed on clean exit
+        assert time.monotonic() < deadline, "the daemon did not stop"
+        time.sleep(0.05)
