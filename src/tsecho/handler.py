@@ -70,9 +70,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
         self._read_poll = select.poll()
         self._read_poll.register(self.request, _POLLIN)
         self._read_poll.register(self.server.state.stop_fd, select.POLLIN)
-        self._write_poll = select.poll()
-        self._write_poll.register(self.request, _POLLOUT)
-        self._write_poll.register(self.server.state.stop_fd, select.POLLIN)
+        self._write_poll: select.poll | None = None  # made when a reply first has to wait
 
     def handle(self) -> None:
         state = self.server.state
@@ -95,38 +93,43 @@ class EchoHandler(socketserver.BaseRequestHandler):
         config = state.config
         decoder = LineDecoder(config.max_line_bytes)
         telnet = TelnetFilter() if config.telnet else None
-        sock = self.request
-        last_read = time.monotonic()
+        # Bound once: this loop runs for every request, and attribute lookups add up.
+        recv = self.request.recv
+        poll = self._read_poll.poll
+        monotonic = time.monotonic
+        last_read = monotonic()
         line_started = 0.0  # when the first byte of the unfinished line arrived
         while True:
             config = state.config  # a reload applies from the next read
             decoder.max_line_bytes = config.max_line_bytes
-            now = time.monotonic()
-            idle_left = last_read + config.idle_timeout_s - now
+            now = monotonic()
+            wait = last_read + config.idle_timeout_s - now
+            why = "idle"
             if decoder.pending:
                 slow_left = line_started + config.line_timeout_s - now
-                wait, why = (idle_left, "idle") if idle_left < slow_left else (slow_left, "slow")
-            else:
-                wait, why = idle_left, "idle"
+                if slow_left <= wait:
+                    wait, why = slow_left, "slow"
             if wait <= 0:
                 raise _Closed(why)
-            events = self._read_poll.poll(wait * 1000 + 1)
-            if not events:
+            # A blocking recv() with SO_RCVTIMEO would save this poll(), but then only
+            # shutdown(SHUT_RD) could wake us for a stop, and the kernel resets a peer
+            # that sends after that; the saving measured within the noise (docs/performance.md).
+            if not poll(wait * 1000 + 1):
                 continue  # loop to re-check the deadlines
             if state.stopping:
                 self._finish_for_stop(decoder, telnet)
             try:
-                data = sock.recv(RECV_BYTES)
+                data = recv(RECV_BYTES)
             except BlockingIOError:
                 continue
             if not data:
                 if telnet is None or not telnet.interrupted:
                     self._answer(decoder.finish())
                 raise _Closed("eof")
+            last_read = monotonic()
             self.bytes_in += len(data)
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("%s sent %d bytes: %s", self.peer, len(data), _escape(data))
-            last_read = time.monotonic()
             had_pending = decoder.pending
             if telnet is not None:
                 data = telnet.feed(data)
@@ -156,14 +159,39 @@ class EchoHandler(socketserver.BaseRequestHandler):
 
     def _send(self, data: bytes) -> None:
         """Write all of *data*, waiting at most send_timeout_s for a peer that doesn't read."""
+        try:
+            sent = self.request.send(data)
+        except BlockingIOError:
+            sent = 0
+        self.bytes_out += sent
+        if sent < len(data):  # the peer's window is full: wait for it (rare, so out of line)
+            self._send_rest(memoryview(data)[sent:])
+
+    def _send_rest(self, view: memoryview) -> None:
         sock = self.request
-        view = memoryview(data)
-        deadline = 0.0
-        while view:
-            if deadline and time.monotonic() >= deadline:
+        state = self.server.state
+        if self._write_poll is None:
+            self._write_poll = select.poll()
+            self._write_poll.register(sock, _POLLOUT)
+            self._write_poll.register(state.stop_fd, select.POLLIN)
+        deadline = time.monotonic() + state.config.send_timeout_s
+        if state.stopping:
+            deadline = min(deadline, state.stop_deadline)
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
                 # Checked before sending again: poll() reports POLLOUT only once a third
                 # of the buffer is free, but send() may still squeeze the rest in, and
                 # that must not restart the clock for a peer that hasn't read for this long.
+                raise _Closed("stalled")
+            for fd, event in self._write_poll.poll((deadline - now) * 1000 + 1):
+                if fd == state.stop_fd:
+                    # Still finish this reply, but within the stop's deadline.
+                    self._write_poll.unregister(fd)
+                    deadline = min(deadline, state.stop_deadline)
+                elif event & _POLLERR and not event & _POLLOUT:
+                    raise _Closed("reset")
+            if time.monotonic() >= deadline:
                 raise _Closed("stalled")
             try:
                 sent = sock.send(view)
@@ -173,20 +201,6 @@ class EchoHandler(socketserver.BaseRequestHandler):
             view = view[sent:]
             if not view:
                 return
-            now = time.monotonic()
-            if not deadline:
-                deadline = now + self.server.state.config.send_timeout_s
-                if self.server.state.stopping:
-                    deadline = min(deadline, self.server.state.stop_deadline)
-            if now >= deadline:
-                raise _Closed("stalled")
-            for fd, event in self._write_poll.poll((deadline - now) * 1000 + 1):
-                if fd == self.server.state.stop_fd:
-                    # Still finish this reply, but within the stop's deadline.
-                    self._write_poll.unregister(fd)
-                    deadline = min(deadline, self.server.state.stop_deadline)
-                elif event & _POLLERR and not event & _POLLOUT:
-                    raise _Closed("reset")
 
     def _finish_for_stop(self, decoder: LineDecoder, telnet: TelnetFilter | None) -> None:
         """A stop began: answer the lines already here, send FIN, let the peer leave.
