@@ -431,3 +431,15 @@ def test_root_drops_to_user_and_group_after_binding(tmp_path: Path) -> None:
     finally:
         os.kill(pid, signal.SIGTERM)
     wait_until(lambda: not Path(f"/proc/{pid}").exists())
+
+
+def test_fatal_errors_carry_err_priority_when_stderr_is_the_journal(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[server]\nbacklog = 0\n")
+    stderr_path = tmp_path / "stderr"
+    with open(stderr_path, "wb") as stderr:
+        st = os.fstat(stderr.fileno())
+        proc = subprocess.run([sys.executable, "-m", "tsecho.cli", "--config", str(config)], stderr=stderr,
+                              env=daemon_env({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}), timeout=20)
+    assert proc.returncode == 78
+    assert stderr_path.read_text().startswith("<3>tsechod: config error: ")

@@ -458,10 +458,6 @@ def test_bad_config_at_start_fails_once_with_78_and_does_not_loop(lab: Lab) -> N
     assert lab.show()["ActiveState"] == "active"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "daemon: cli.main prints 'tsechod: config error: ...' to stderr without a syslog prefix, so "
-    "journald files it at info (6); it should print '<3>' before it when stderr is the journal "
-    "(logsetup.stderr_is_journal). Remove this mark once fixed."))
 def test_the_fatal_config_error_is_logged_at_err_priority(lab: Lab) -> None:
     entry = lab.notes.get("bad start")
     assert entry is not None, "needs test_bad_config_at_start_fails_once_with_78_and_does_not_loop first"

@@ -21,7 +21,7 @@ from typing import Final
 from . import __version__, systemd
 from .config import KEYS, Config, ConfigError, find_config_path, format_config, load_config, load_config_with_sources
 from .daemonize import DaemonizeError, ParentOutcome, PidFile, StartupReport, detach, drop_privileges, refuse_under_systemd
-from .logsetup import configure_logging, log_fds, log_file_stream
+from .logsetup import configure_logging, log_fds, log_file_stream, stderr_is_journal
 from .server import ListenError, ServerState, open_servers
 from .service import Service
 from .supervisor import Supervisor
@@ -84,23 +84,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     environ = os.environ
     overrides = {field: value for field in OVERRIDE_FLAGS.values() if (value := getattr(args, field)) is not None}
+    debug = environ.get("TSECHOD_DEBUG") == "1"
     try:
         if args.command == "check-config":
             return check_config(args.config, environ, overrides)
         return run(args.config, environ, overrides, daemon=args.daemon)
     except ConfigError as err:
-        if environ.get("TSECHOD_DEBUG") == "1":
+        if debug:
             raise
-        print(f"tsechod: {err}", file=sys.stderr)
+        report_fatal(err, environ)
         return EXIT_CONFIG
     except UsageError as err:
-        print(f"tsechod: {err}", file=sys.stderr)
+        report_fatal(err, environ)
         return EXIT_USAGE
     except (ListenError, DaemonizeError, StartupFailed, OSError) as err:
-        if environ.get("TSECHOD_DEBUG") == "1":
+        if debug:
             raise
-        print(f"tsechod: {err}", file=sys.stderr)
+        report_fatal(err, environ)
         return EXIT_FAILURE
+
+
+def report_fatal(err: Exception, environ: Mapping[str, str]) -> None:
+    """Say why tsechod can't run, in one line on stderr (at err priority in the journal)."""
+    priority = "<3>" if stderr_is_journal(environ) else ""
+    print(f"{priority}tsechod: {err}", file=sys.stderr)
 
 
 def check_config(explicit: str | None, environ: Mapping[str, str], overrides: Mapping[str, object]) -> int:
