@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run test bench install uninstall clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ test: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(VENV)/bin/python benchmarks/run.py
+
+install:  # as root: the systemd service under /opt/tsechod (see docs/operations.md)
+	./install.sh
+
+uninstall:
+	./uninstall.sh
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

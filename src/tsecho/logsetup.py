@@ -39,8 +39,9 @@ def _safe(text: str) -> str:
 class TextFormatter(logging.Formatter):
     """Plain lines; control characters in the message are escaped, tracebacks are kept."""
 
-    def __init__(self, journal: bool = False) -> None:
-        super().__init__(_JOURNAL_FORMAT if journal else _TEXT_FORMAT)
+    def __init__(self, journal: bool = False, stamped: bool = True) -> None:
+        # journald and syslog stamp each line themselves
+        super().__init__(_TEXT_FORMAT if stamped and not journal else _JOURNAL_FORMAT)
         self.journal = journal
 
     def formatMessage(self, record: logging.LogRecord) -> str:
@@ -151,7 +152,7 @@ def configure_logging(config: Config, environ: Mapping[str, str] | None = None) 
     if config.log_format == "json":
         handler.setFormatter(JsonFormatter(journal))
     else:
-        handler.setFormatter(TextFormatter(journal))
+        handler.setFormatter(TextFormatter(journal, stamped=config.log_target != "syslog"))
     logger = logging.getLogger(ROOT_LOGGER)
     with _lock:
         for old in _installed:
