@@ -27,6 +27,9 @@ RECV_BYTES: Final = 65536
 # A stop answers what is already queued, but a peer that keeps sending can't
 # hold the drain open: read at most this much once the stop has begun.
 DRAIN_BYTES: Final = 1 << 20
+# After an ERR line, how long a peer that is still sending may take to leave before it
+# gets a reset (what it sends meanwhile is read and dropped).
+LINGER_S: Final = 2.0
 
 _POLLIN: Final = select.POLLIN | select.POLLPRI
 _POLLOUT: Final = select.POLLOUT
@@ -146,6 +149,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
         except LineTooLong as err:
             self._answer(err.lines_before, tail=err_line_too_long(err.max_line_bytes))
             logger.warning("%s closed: line too long (max %d bytes)", self.peer, err.max_line_bytes)
+            self._linger(time.monotonic() + LINGER_S)
             raise _Closed("too-long") from None
         self._answer(block)
 
@@ -201,6 +205,31 @@ class EchoHandler(socketserver.BaseRequestHandler):
             view = view[sent:]
             if not view:
                 return
+
+    def _linger(self, deadline: float) -> None:
+        """Send our FIN, then read and drop what the peer still sends, until it closes or *deadline*.
+
+        Closing with unread input sends a reset, which can destroy the ERR line
+        still on its way, and makes ``nc`` quit without printing it.
+        """
+        state = self.server.state
+        sock = self.request
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            if state.stopping:
+                deadline = min(deadline, state.stop_deadline)
+            while (left := deadline - time.monotonic()) > 0:
+                for fd, _ in self._read_poll.poll(left * 1000 + 1):
+                    if fd == state.stop_fd:  # a stop began: its deadline bounds this wait too
+                        self._read_poll.unregister(fd)
+                        deadline = min(deadline, state.stop_deadline)
+                try:
+                    if not sock.recv(RECV_BYTES):
+                        return
+                except BlockingIOError:
+                    continue
+        except OSError:
+            return  # the peer is gone: nothing left to protect
 
     def _finish_for_stop(self, decoder: LineDecoder, telnet: TelnetFilter | None) -> None:
         """A stop began: answer the lines already here, send FIN, let the peer leave.
