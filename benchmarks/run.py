@@ -74,7 +74,7 @@ class Workload:
 # one line, so the measured phase starts with every connection accepted (the
 # tutorial server's backlog is socketserver's 5). hold measures the set-up itself,
 # as a burst: 64 connections being set up at any moment.
-STEADY: Final = ("--concurrency", "4")
+STEADY: Final = ("--concurrency", "4", "--setup-timeout", "10")
 
 
 def workloads(quick: bool) -> list[Workload]:
