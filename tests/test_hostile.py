@@ -753,8 +753,9 @@ def test_garbage_never_hurts_the_daemon(tsechod) -> None:
     connect_from(d.address).close()
     reset(connect_from(d.address))
     half = connect_from(d.address)
+    half.sendall(b"whole\n")
+    recv_lines(half, 1)  # its handler is running, waiting for the next line
     half.sendall(b"half a li")
-    wait_until(lambda: figures(d.pid)[1] >= threads0 + 1)
     reset(half)
     connections += 3
     for _ in range(3):
