@@ -85,7 +85,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
         except (ConnectionResetError, BrokenPipeError):
             reason = "reset"
         except OSError as err:
-            if err.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ECONNABORTED):
+            if err.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ECONNABORTED, errno.ENOTCONN):
                 raise  # a bug or a resource problem: EchoServer.handle_error logs it
             reason = "reset"
         finally:
