@@ -295,6 +295,26 @@ def test_reload_with_a_bad_config_keeps_running_and_says_why(lab: Lab) -> None:
         lab.write_config(good)
 
 
+def test_syslog_target_reaches_the_journal_through_dev_log(lab: Lab) -> None:
+    good = lab.read_config()
+    try:
+        lab.write_config(set_key(good, "log_target", '"syslog"'))
+        lab.run("systemctl", "restart", "tsechod.service")
+        lab.wait_active()
+        after = lab.cursor()
+        with connect() as sock:
+            peer = "%s:%d" % sock.getsockname()[:2]
+            assert round_trip(sock, b"via syslog").endswith(b"] via syslog\n")
+        entry = lab.wait_journal(lambda e: f"{peer} closed" in e["MESSAGE"], after, f"for {peer} via syslog")
+        assert entry["_TRANSPORT"] == "syslog" and entry["SYSLOG_IDENTIFIER"] == "tsechod"
+        assert entry["PRIORITY"] == "6"
+        assert not re.match(r"\d{4}-\d\d-\d\d", entry["MESSAGE"])  # syslog stamps it; no second timestamp
+    finally:
+        lab.write_config(good)
+        lab.run("systemctl", "restart", "tsechod.service")
+        lab.wait_active()
+
+
 def test_kill_9_is_restarted_within_2_s(lab: Lab) -> None:
     before = lab.show()
     lab.run("kill", "-9", before["MainPID"])
