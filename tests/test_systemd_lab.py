@@ -38,6 +38,7 @@ TSECHOD = [sys.executable, "-m", "tsecho.cli"]
 PORT = 8009
 TIMEOUT_S = 10
 INSTALL_TIMEOUT_S = 600
+LAB_SRC = "/run/tsecho-lab/src"  # the working tree, copied inside the lab (see Lab.run)
 
 CTIME_REPLY = re.compile(rb"^\[\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\] (.*)\n$")
 ISO_REPLY = re.compile(rb"^\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[^\]]*\] (.*)\n$")
@@ -86,9 +87,11 @@ class Lab:
     def run(self, *cmd: str, check: bool = True, stdin: str | None = None,
             timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run *cmd* inside the lab, from the repository directory."""
+        # The lab's /tmp (and /run, /var/tmp) are its own, so a clone under /tmp is invisible
+        # there: commands run in the copy of the tree the fixture put at LAB_SRC.
         proc = subprocess.run(
-            [str(LAB_TOOL), "exec", self.id, "--", *cmd],
-            cwd=REPO, input=stdin, capture_output=True, text=True, timeout=timeout,
+            [str(LAB_TOOL), "exec", self.id, "--", "sh", "-c", 'cd "$0" 2>/dev/null || cd /; exec "$@"', LAB_SRC, *cmd],
+            input=stdin, capture_output=True, text=True, timeout=timeout,
         )
         if check and proc.returncode != 0:
             raise AssertionError(
@@ -183,6 +186,7 @@ def lab() -> Iterator[Lab]:
     lab = Lab(up.stdout.strip())
     try:
         lab.sh(ISOLATE)
+        copy_tree_into(lab)
         # Under a strict umask, as on hardened hosts: the dynamic user must still read the venv.
         install = lab.sh("umask 077 && exec ./install.sh", timeout=INSTALL_TIMEOUT_S, check=False)
         assert install.returncode == 0, f"install.sh failed:\n{install.stdout}\n{install.stderr}"
@@ -194,6 +198,20 @@ def lab() -> Iterator[Lab]:
                 path.rmdir()
             except OSError:
                 pass
+
+
+def copy_tree_into(lab: Lab) -> None:
+    """Copy the working tree (not .git, not the venv) to LAB_SRC inside the lab."""
+    tar = subprocess.run(
+        ["tar", "-c", "--exclude=./.git", "--exclude=./.venv", "--exclude=./build", "--exclude=*.egg-info",
+         "--exclude=__pycache__", "--exclude=./benchmarks/build", "-C", str(REPO), "."],
+        capture_output=True, check=True, timeout=60,
+    )
+    untar = subprocess.run(
+        [str(LAB_TOOL), "exec", lab.id, "--", "sh", "-c", f"mkdir -p {LAB_SRC} && tar -x -C {LAB_SRC}"],
+        input=tar.stdout, capture_output=True, timeout=60,
+    )
+    assert untar.returncode == 0, untar.stderr.decode(errors="replace")
 
 
 def connect() -> socket.socket:
