@@ -26,6 +26,8 @@ import sys
 import time
 from typing import BinaryIO, Final, NamedTuple
 
+from .config import ListenAddress
+
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8009
 DEFAULT_TIMEOUT_S: Final = 5.0
@@ -41,16 +43,8 @@ EXIT_FAILURE: Final = 1
 EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
-class Address(NamedTuple):
-    """Where the server is. ``str()`` gives ``127.0.0.1:8009`` or ``[::1]:8009``."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+# Where the server is: the daemon's own address type, so both print addresses alike.
+Address = ListenAddress
 
 
 class AddressError(ValueError):
