@@ -128,11 +128,3 @@ def test_over_max_connections_gets_busy_without_a_thread(server_factory) -> None
     finally:
         for sock in held:
             sock.close()
-
-
-def test_connection_threads_leave_the_default_stack_size_to_other_threads(server: EchoServer) -> None:
-    default = threading.stack_size()
-    with socket.create_connection(server.server_address, timeout=2) as sock:
-        sock.sendall(b"a\n")
-        assert recv_lines(sock, 1) == [STAMP + b" a"]
-    assert threading.stack_size() == default

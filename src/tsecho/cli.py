@@ -15,6 +15,7 @@ import logging
 import os
 import resource
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Final
 
@@ -22,7 +23,7 @@ from . import __version__, systemd
 from .config import KEYS, Config, ConfigError, find_config_path, format_config, load_config, load_config_with_sources
 from .daemonize import DaemonizeError, ParentOutcome, PidFile, StartupReport, detach, drop_privileges, refuse_under_systemd
 from .logsetup import configure_logging, log_fds, log_file_stream, stderr_is_journal
-from .server import ListenError, ServerState, open_servers
+from .server import THREAD_STACK_BYTES, ListenError, ServerState, open_servers
 from .service import Service
 from .supervisor import Supervisor
 
@@ -132,6 +133,8 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Mapping[str
     except OSError as err:
         raise OSError(f"cannot open log file {config.log_file}: {err.strerror or err}") from err
     raise_fd_limit()
+    # Process-wide, set before any thread starts: every thread tsechod makes is shallow.
+    threading.stack_size(THREAD_STACK_BYTES)
     with contextlib.ExitStack() as stack:
         pidfile = stack.enter_context(PidFile(config.pid_file)) if config.pid_file else None
         state = ServerState(config)

@@ -30,10 +30,10 @@ ACCEPT_BACKOFF_S: Final = 0.1
 # Threads that finished a connection wait this long, at most this many, for the next one.
 PARKED_THREADS: Final = 32
 PARK_S: Final = 2.0
-# Stack for connection threads. They never recurse deeply (a socket loop and a few frames of
+# Stack for every thread tsechod starts (cli.run sets it). They never recurse deeply (a socket loop and a few frames of
 # logging), and only touched pages cost memory, but the default 8 MiB each is 80 GiB of
 # address space and about 4 KiB of page tables per connection at 10,000 connections.
-CONN_STACK_BYTES: Final = 512 * 1024
+THREAD_STACK_BYTES: Final = 512 * 1024
 _OUT_OF_FDS: Final = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 
@@ -216,11 +216,7 @@ class ReadyThreads:
             slot.wake.release()
             return
         thread = threading.Thread(target=self._serve, args=((target, args),), name="tsecho-conn", daemon=True)
-        default_stack = threading.stack_size(CONN_STACK_BYTES)  # process-wide: set just for this start
-        try:
-            thread.start()
-        finally:
-            threading.stack_size(default_stack)
+        thread.start()
 
     @property
     def parked(self) -> int:
