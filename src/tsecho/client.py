@@ -213,6 +213,15 @@ def connect(address: Address, timeout_s: float) -> socket.socket:
         raise ClientError(f"cannot connect to {address}: {_describe(err)}") from err
 
 
+def _print_batch(batch: Batch, address: Address, out: BinaryIO) -> int:
+    """Write a batch's replies; raise ClientError if the server sent an ERR line. Returns its line count."""
+    if batch.replies:
+        _write(out, batch.replies)
+    if batch.error is not None:
+        raise _server_said(address, batch.error)
+    return batch.lines
+
+
 def _write(out: BinaryIO, data: bytes) -> None:
     try:
         out.write(data)
@@ -294,12 +303,7 @@ def pipeline(
                     return
                 raise ClientError(f"connection closed by {address}")
             if data:
-                batch = stream.feed(data)
-                if batch.replies:
-                    _write(out, batch.replies)
-                if batch.error is not None:
-                    raise _server_said(address, batch.error)
-                lines_answered += batch.lines
+                lines_answered += _print_batch(stream.feed(data), address, out)
                 deadline = now + timeout_s if waiting_on_server() else None
         if outbox and events & select.POLLOUT:
             try:
@@ -427,12 +431,7 @@ def _print_replies(
             if stream.pending:
                 _write(out, stream.pending)
             raise ClientError(f"connection closed by {address}")
-        batch = stream.feed(data)
-        if batch.replies:
-            _write(out, batch.replies)
-        if batch.error is not None:
-            raise _server_said(address, batch.error)
-        answered += batch.lines
+        answered += _print_batch(stream.feed(data), address, out)
 
 
 def _timeout(text: str) -> float:
