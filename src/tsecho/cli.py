@@ -34,6 +34,10 @@ EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_CONFIG: Final = 78
 
+# Flag values as typed, by Config field; config.py parses them like environment values.
+Overrides = Mapping[str, str | Sequence[str]]
+
+
 class UsageError(Exception):
     """The command line asks for something that can't work here (exit 2)."""
 
@@ -84,7 +88,7 @@ def _metavar(name: str, kind: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     environ = os.environ
-    overrides = {field: value for field in OVERRIDE_FLAGS.values() if (value := getattr(args, field)) is not None}
+    overrides: Overrides = {field: value for field in OVERRIDE_FLAGS.values() if (value := getattr(args, field)) is not None}
     debug = environ.get("TSECHOD_DEBUG") == "1"
     try:
         if args.command == "check-config":
@@ -111,19 +115,19 @@ def report_fatal(err: Exception, environ: Mapping[str, str]) -> None:
     print(f"{priority}tsechod: {err}", file=sys.stderr)
 
 
-def check_config(explicit: str | None, environ: Mapping[str, str], overrides: Mapping[str, object]) -> int:
+def check_config(explicit: str | None, environ: Mapping[str, str], overrides: Overrides) -> int:
     path = find_config_path(explicit, environ)
-    config, sources = load_config_with_sources(path, environ, overrides)  # type: ignore[arg-type]
+    config, sources = load_config_with_sources(path, environ, overrides)
     print(format_config(config, sources), end="")
     return EXIT_OK
 
 
-def run(explicit: str | None, environ: Mapping[str, str], overrides: Mapping[str, object], daemon: bool) -> int:
+def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, daemon: bool) -> int:
     """Start up in the documented order and serve until stopped; return the exit code."""
     path = find_config_path(explicit, environ)
 
     def load() -> Config:
-        return load_config(path, environ, overrides)  # type: ignore[arg-type]
+        return load_config(path, environ, overrides)
 
     config = load()
     if daemon and (reason := refuse_under_systemd(environ)):

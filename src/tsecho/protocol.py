@@ -218,14 +218,14 @@ def make_stamper(style: str, utc: bool = False) -> Stamper:
 
 
 def _per_second(render: Callable[[int], str]) -> Stamper:
-    cache: list[object] = [None, b""]
+    cached = (-1, b"")  # (second, stamp), replaced whole so racing threads see one pair
 
     def stamp(t: float) -> bytes:
+        nonlocal cached
         sec = int(t // 1)
-        if cache[0] != sec:
-            cache[1] = render(sec).encode()
-            cache[0] = sec  # written last: a racing reader sees an old pair or a new one
-        return cache[1]  # type: ignore[return-value]
+        if cached[0] != sec:
+            cached = (sec, render(sec).encode())
+        return cached[1]
 
     return stamp
 

@@ -218,10 +218,6 @@ class ReadyThreads:
         thread = threading.Thread(target=self._serve, args=((target, args),), name="tsecho-conn", daemon=True)
         thread.start()
 
-    @property
-    def parked(self) -> int:
-        return len(self._parked)
-
     def _serve(self, job: tuple[Callable[..., object], tuple[object, ...]]) -> None:
         slot = _ParkedSlot()
         while True:
@@ -264,6 +260,7 @@ class EchoServer(socketserver.ThreadingTCPServer):
 
     def __init__(self, listen: ListenAddress | socket.socket, state: ServerState) -> None:
         self.state = state
+        self.alive_at = time.monotonic()
         if isinstance(listen, socket.socket):  # inherited: socket activation or a worker
             self.address_family = listen.family
             super().__init__(listen.getsockname()[:2], EchoHandler, bind_and_activate=False)
@@ -277,6 +274,11 @@ class EchoServer(socketserver.ThreadingTCPServer):
         # Workers share this socket: all of them wake for one connection, one wins
         # the accept(), and a blocking accept() would hang the others.
         self.socket.setblocking(False)
+
+    def service_actions(self) -> None:
+        # serve_forever calls this after every poll(): proof that the accept loop turns,
+        # which is what the watchdog pings vouch for.
+        self.alive_at = time.monotonic()
 
     @property
     def address(self) -> str:

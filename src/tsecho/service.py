@@ -63,13 +63,10 @@ class Service:
         self.watchdog_s = watchdog_s
         self.on_ready = on_ready
         self._acceptors: list[threading.Thread] = []
-        self._alive_at: dict[EchoServer, float] = {}
 
     def start(self) -> None:
         """Start one acceptor thread per listener."""
         for server in self.servers:
-            self._alive_at[server] = time.monotonic()
-            server.service_actions = self._liveness_tick(server)  # type: ignore[method-assign]
             thread = threading.Thread(
                 target=server.serve_forever,
                 kwargs={"poll_interval": ACCEPT_POLL_S},
@@ -79,17 +76,11 @@ class Service:
             thread.start()
             self._acceptors.append(thread)
 
-    def _liveness_tick(self, server: EchoServer) -> Callable[[], None]:
-        def tick() -> None:  # serve_forever calls it after every poll: proof the accept loop turns
-            self._alive_at[server] = time.monotonic()
-
-        return tick
-
     def accept_loops_alive(self) -> bool:
         """Whether every accept loop has turned recently (what the watchdog vouches for)."""
         limit = max(2.0, (self.watchdog_s or 0) / 2)
         now = time.monotonic()
-        return all(now - seen < limit for seen in self._alive_at.values())
+        return all(now - server.alive_at < limit for server in self.servers)
 
     def reload(self) -> None:
         """Re-read the config file; keep the running config if the new one is bad."""
