@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -308,13 +310,23 @@ def test_unreadable_file_gives_the_os_reason(tmp_path: Path) -> None:
     assert str(info.value) == f"config error: {missing}: cannot read: No such file or directory"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
 def test_permission_denied_is_reported(tmp_path: Path) -> None:
     path = write(tmp_path, "")
     path.chmod(0)
-    with pytest.raises(ConfigError) as info:
-        load_config(path, {})
-    assert str(info.value) == f"config error: {path}: cannot read: Permission denied"
+    if os.geteuid() != 0:
+        with pytest.raises(ConfigError) as info:
+            load_config(path, {})
+        assert str(info.value) == f"config error: {path}: cannot read: Permission denied"
+        return
+    # Root reads any file (and CI runs as root): load it as nobody, in a child process.
+    tmp_path.chmod(0o755)
+    code = (
+        "import os, sys; from pathlib import Path; from tsecho.config import load_config, ConfigError\n"
+        "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+        "try:\n    load_config(Path(sys.argv[1]), {})\nexcept ConfigError as err:\n    print(err)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=30)
+    assert proc.stdout == f"config error: {path}: cannot read: Permission denied\n", proc.stderr
 
 
 def test_long_and_control_character_values_stay_on_one_short_line(tmp_path: Path) -> None:

@@ -483,6 +483,21 @@ def run_python(code: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def acquire_as_nobody(pid_path: Path) -> subprocess.CompletedProcess[str]:
+    """Try to take *pid_path* as user nobody; the child prints the error it gets."""
+    return run_python(
+        f"""
+        import os
+        from tsecho.daemonize import DaemonizeError, PidFile
+        os.setgroups([]); os.setgid(65534); os.setuid(65534)
+        try:
+            PidFile({str(pid_path)!r}).acquire()
+        except DaemonizeError as err:
+            print(type(err).__name__, err)
+        """
+    )
+
+
 @needs_root
 def test_dropped_process_cannot_regain_root() -> None:
     proc = run_python(
@@ -641,17 +656,7 @@ def test_running_instance_is_reported_even_to_a_user_who_cannot_write_its_pid_fi
     pid_path = shared_dir / "tsechod.pid"
     with daemonize.PidFile(pid_path) as pidfile:  # root's instance, file mode 0644
         pidfile.write()
-        proc = run_python(
-            f"""
-            import os
-            from tsecho.daemonize import DaemonizeError, PidFile
-            os.setgroups([]); os.setgid(65534); os.setuid(65534)
-            try:
-                PidFile({str(pid_path)!r}).acquire()
-            except DaemonizeError as err:
-                print(type(err).__name__, err)
-            """
-        )
+        proc = acquire_as_nobody(pid_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == (
         f"AlreadyRunningError already running as PID {os.getpid()} (pid file {pid_path}); "
@@ -659,17 +664,7 @@ def test_running_instance_is_reported_even_to_a_user_who_cannot_write_its_pid_fi
     )
     # Not running: then it is a plain permission problem.
     pid_path.write_text("")
-    proc = run_python(
-        f"""
-        import os
-        from tsecho.daemonize import DaemonizeError, PidFile
-        os.setgroups([]); os.setgid(65534); os.setuid(65534)
-        try:
-            PidFile({str(pid_path)!r}).acquire()
-        except DaemonizeError as err:
-            print(type(err).__name__, err)
-        """
-    )
+    proc = acquire_as_nobody(pid_path)
     assert proc.stdout == (
         f"PidFileError cannot open pid file {pid_path}: Permission denied "
         "(start as root, or use --pid-file with a writable path)\n"
