@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import require_tool
 
 REPO = Path(__file__).resolve().parents[1]
 LAB_TOOL = REPO.parent / "shared" / "tools" / "systemd-lab"
@@ -250,6 +251,7 @@ def test_service_and_socket_are_active_after_install(lab: Lab) -> None:
 
 
 def test_nc_round_trip_on_both_addresses(lab: Lab) -> None:
+    require_tool("nc")  # the lab runs the host's own nc
     for host in ("127.0.0.1", "::1"):
         reply = lab.sh(f"printf 'hello lab\\n' | nc -N {host} {PORT}", timeout=TIMEOUT_S).stdout.encode()
         match = CTIME_REPLY.match(reply)
@@ -416,6 +418,7 @@ def test_restart_refuses_no_connection_through_the_socket_unit(lab: Lab) -> None
 
 
 def test_logrotate_moves_the_log_file_and_no_line_is_lost(lab: Lab) -> None:
+    require_tool("logrotate")  # the lab runs the host's own logrotate
     good = lab.read_config()
     config = set_key(set_key(good, "log_target", '"file"'), "log_file", '"/var/log/tsechod/tsechod.log"')
     after = lab.cursor()
@@ -510,6 +513,7 @@ def test_installed_units_verify_clean(lab: Lab) -> None:
 
 
 def test_man_pages_work_after_install(lab: Lab) -> None:
+    require_tool("man")  # the lab runs the host's own man (man-db)
     for page, expected in (("tsechod", "timestamp echo daemon"), ("tsechod.toml", "configuration file"),
                            ("tsecho", "tsechod")):
         proc = lab.run("man", "-P", "cat", page, check=False)
