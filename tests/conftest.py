@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from tsecho.config import Config, parse_listen
-from tsecho.server import EchoServer, ServerState, open_servers
+from tsecho.server import EchoServer, open_servers
+from tsecho.state import ServerState
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tsecho.cli import format_config
 from tsecho.config import (
     DEFAULT_CONFIG_PATH,
     KEYS,
@@ -26,7 +27,6 @@ from tsecho.config import (
     ConfigError,
     ListenAddress,
     find_config_path,
-    format_config,
     load_config,
     load_config_with_sources,
     parse_listen,

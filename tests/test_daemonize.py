@@ -32,6 +32,8 @@ from pathlib import Path
 import pytest
 
 from tsecho import daemonize
+from tsecho.pidfile import AlreadyRunningError, PidFile, PidFileError, StartupError
+from tsecho.privileges import drop_privileges
 
 TIMEOUT_S = 15.0
 
@@ -39,6 +41,8 @@ DRIVER = textwrap.dedent(
     '''
     import os, queue, signal, socket, sys, threading
     from tsecho import daemonize
+    from tsecho.pidfile import PidFile, StartupError
+    from tsecho.privileges import drop_privileges
 
     def serve(listener, served):
         while True:
@@ -66,7 +70,7 @@ DRIVER = textwrap.dedent(
             os.setgroups([0, 1, 2])  # extra groups root had; the drop must shed them
         report = None
         try:
-            with daemonize.PidFile(pid_path) as pidfile, \\
+            with PidFile(pid_path) as pidfile, \\
                     socket.create_server(("127.0.0.1", 0)) as listener, \\
                     open(log_path, "a", buffering=1) as log:
                 print(listener.getsockname()[1], flush=True)
@@ -93,7 +97,7 @@ DRIVER = textwrap.dedent(
                 signal.signal(signal.SIGTERM, lambda signum, _frame: stop.put(signum))
                 pidfile.write()
                 if mode == "drop":
-                    daemonize.drop_privileges("nobody", "nogroup")
+                    drop_privileges("nobody", "nogroup")
                 served = threading.Event()
                 threading.Thread(target=serve, args=(listener, served), daemon=True).start()
                 if mode == "ready-after-first" and not served.wait(timeout=20):
@@ -106,7 +110,7 @@ DRIVER = textwrap.dedent(
                     return 1
                 print(f"daemon: received {signal.Signals(signum).name}: stopping", flush=True)
                 return 0
-        except (daemonize.DaemonizeError, StartupFailed) as err:
+        except (StartupError, StartupFailed) as err:
             # As cli.main will: the with-blocks have unwound (pid file removed,
             # listener closed) before the original process hears about it.
             if report is not None:
@@ -488,7 +492,7 @@ def acquire_as_nobody(pid_path: Path) -> subprocess.CompletedProcess[str]:
     return run_python(
         f"""
         import os
-        from tsecho.daemonize import DaemonizeError, PidFile
+        from tsecho.pidfile import PidFile, StartupError as DaemonizeError
         os.setgroups([]); os.setgid(65534); os.setuid(65534)
         try:
             PidFile({str(pid_path)!r}).acquire()
@@ -503,7 +507,7 @@ def test_dropped_process_cannot_regain_root() -> None:
     proc = run_python(
         """
         import os
-        from tsecho.daemonize import drop_privileges
+        from tsecho.privileges import drop_privileges
         os.setgroups([0, 4])
         drop_privileges("nobody", None)
         print(os.getresuid(), os.getresgid(), sorted(os.getgroups()))
@@ -535,7 +539,7 @@ def test_unknown_user_or_group_is_a_one_line_error(user: str, group: str | None,
     proc = run_python(
         f"""
         import os
-        from tsecho.daemonize import PrivilegeError, drop_privileges
+        from tsecho.privileges import PrivilegeError, drop_privileges
         try:
             drop_privileges({user!r}, {group!r})
         except PrivilegeError as err:
@@ -552,7 +556,7 @@ def test_user_without_root_is_refused() -> None:
     proc = run_python(
         """
         import os
-        from tsecho.daemonize import PrivilegeError, drop_privileges
+        from tsecho.privileges import PrivilegeError, drop_privileges
         os.setgroups([]); os.setgid(65534); os.setuid(65534)
         for user, group in (("nobody", None), (None, "nogroup")):
             try:
@@ -576,15 +580,15 @@ def test_user_without_root_is_refused() -> None:
 
 def test_second_lock_on_the_same_file_names_the_holder(tmp_path: Path) -> None:
     pid_path = tmp_path / "a.pid"
-    with daemonize.PidFile(pid_path) as first:
+    with PidFile(pid_path) as first:
         # An flock belongs to an open file description, so a second open in
         # this process conflicts just like another process would.
-        with pytest.raises(daemonize.AlreadyRunningError) as info:
-            daemonize.PidFile(pid_path).acquire()
+        with pytest.raises(AlreadyRunningError) as info:
+            PidFile(pid_path).acquire()
         assert "not written its PID yet" in str(info.value)
         first.write()
-        with pytest.raises(daemonize.AlreadyRunningError) as info:
-            daemonize.PidFile(pid_path).acquire()
+        with pytest.raises(AlreadyRunningError) as info:
+            PidFile(pid_path).acquire()
         assert str(info.value) == (
             f"already running as PID {os.getpid()} (pid file {pid_path}); stop it first, or use --pid-file"
         )
@@ -594,7 +598,7 @@ def test_second_lock_on_the_same_file_names_the_holder(tmp_path: Path) -> None:
 def test_pid_file_is_written_in_place_so_the_locked_inode_stays(tmp_path: Path) -> None:
     pid_path = tmp_path / "a.pid"
     pid_path.write_text("123456789\n")  # longer than what we write
-    with daemonize.PidFile(pid_path) as pidfile:
+    with PidFile(pid_path) as pidfile:
         inode = pid_path.stat().st_ino
         assert pid_path.read_text() == ""  # the stale PID is gone at once
         pidfile.write(42)
@@ -602,12 +606,13 @@ def test_pid_file_is_written_in_place_so_the_locked_inode_stays(tmp_path: Path) 
         assert pid_path.stat().st_ino == inode
         assert oct(pid_path.stat().st_mode & 0o777) == "0o644"
         assert lock_is_held(pid_path)
-    assert not pid_path.exists() or pid_path.read_text() == "42\n"
+    # It names PID 42, not us: release() leaves it (and says so), as the docs promise.
+    assert pid_path.read_text() == "42\n"
 
 
 def test_release_leaves_a_file_that_names_another_process(tmp_path: Path) -> None:
     pid_path = tmp_path / "a.pid"
-    pidfile = daemonize.PidFile(pid_path)
+    pidfile = PidFile(pid_path)
     pidfile.acquire()
     pidfile.write()
     pid_path.write_text("1\n")  # someone rewrote it: not ours to delete any more
@@ -619,7 +624,7 @@ def test_release_leaves_a_file_that_names_another_process(tmp_path: Path) -> Non
 
 def test_release_in_a_forked_child_neither_removes_nor_unlocks(tmp_path: Path) -> None:
     pid_path = tmp_path / "a.pid"
-    with daemonize.PidFile(pid_path) as pidfile:
+    with PidFile(pid_path) as pidfile:
         pidfile.write()
         child = os.fork()
         if child == 0:  # pragma: no cover - runs in the child
@@ -646,15 +651,15 @@ def test_pid_file_that_cannot_be_opened_is_a_one_line_error(
 ) -> None:
     (tmp_path / "link.pid").symlink_to(tmp_path / "target")
     path = make_path(tmp_path)
-    with pytest.raises(daemonize.PidFileError) as info:
-        daemonize.PidFile(path).acquire()
+    with pytest.raises(PidFileError) as info:
+        PidFile(path).acquire()
     assert str(info.value) == message.format(path=path)
 
 
 @needs_root
 def test_running_instance_is_reported_even_to_a_user_who_cannot_write_its_pid_file(shared_dir: Path) -> None:
     pid_path = shared_dir / "tsechod.pid"
-    with daemonize.PidFile(pid_path) as pidfile:  # root's instance, file mode 0644
+    with PidFile(pid_path) as pidfile:  # root's instance, file mode 0644
         pidfile.write()
         proc = acquire_as_nobody(pid_path)
     assert proc.returncode == 0, proc.stderr

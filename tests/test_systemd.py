@@ -97,19 +97,6 @@ def test_notify_returns_false_when_nobody_listens(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("environ", "expected"),
     [
-        ({}, False),
-        ({"INVOCATION_ID": "0123abcd"}, True),
-        ({"NOTIFY_SOCKET": "/run/systemd/notify"}, True),
-        ({"INVOCATION_ID": "", "NOTIFY_SOCKET": ""}, False),
-    ],
-)
-def test_under_systemd_looks_at_invocation_id_and_notify_socket(environ, expected) -> None:
-    assert systemd.under_systemd(environ) is expected
-
-
-@pytest.mark.parametrize(
-    ("environ", "expected"),
-    [
         ({}, None),
         ({"WATCHDOG_USEC": "30000000"}, 30.0),
         ({"WATCHDOG_USEC": "500000", "WATCHDOG_PID": str(os.getpid())}, 0.5),

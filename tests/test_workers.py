@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import time
 from pathlib import Path
 
 import psutil
@@ -99,3 +100,51 @@ def test_workers_stop_when_the_supervisor_is_killed(tsechod) -> None:
     assert alive == []
     with socket.socket() as probe:
         assert probe.connect_ex(d.address) != 0  # nobody serves the port any more
+
+
+EPOCH = re.compile(rb"^\[\d{10}\.\d{6}\] ")
+
+
+def test_a_worker_started_after_a_reload_serves_the_reloaded_config(tsechod) -> None:
+    d = tsechod("[server]\nworkers = 2\nshutdown_timeout_s = 0.5\n[echo]\ntimestamp = \"ctime\"\n")
+    d.wait_for_log(r"2 workers ready")
+    d.rewrite_config("[server]\nworkers = 2\nshutdown_timeout_s = 3.5\n[echo]\ntimestamp = \"epoch\"\n")
+    d.send(signal.SIGHUP)
+    d.wait_for_log(r"reloaded config: timestamp=epoch", count=2)
+    victim = workers_of(d.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: len(workers_of(d.pid)) == 2 and victim not in workers_of(d.pid))
+    # The replacement serves once its acceptor thread runs (main thread + one acceptor).
+    wait_until(lambda: all(psutil.Process(pid).num_threads() >= 2 for pid in workers_of(d.pid)))
+    replies = [ask(d) for _ in range(40)]  # the kernel spreads them over both workers
+    assert [r for r in replies if not EPOCH.match(r)] == []
+    # The stop waits the reloaded shutdown_timeout_s (3.5 s) for a client that stays,
+    # instead of killing the workers after the startup value (0.5 s) plus grace.
+    with d.connect() as held:
+        held.sendall(b"stay\n")
+        assert EPOCH.match(recv_lines(held, 1)[0])
+        assert d.stop(timeout=15) == 0
+        assert recv_all(held, timeout=10) == b""  # our FIN at the deadline, not a kill's reset
+    assert "killing" not in d.log_text()
+
+
+def test_a_signal_sent_while_a_worker_starts_is_acted_on(tsechod) -> None:
+    """A worker caught in its first milliseconds (SIGSTOP) is sent SIGHUP: it must still reload."""
+    d = tsechod("[server]\nworkers = 2\n")
+    d.wait_for_log(r"2 workers ready")
+    for round_ in range(1, 6):
+        before = set(workers_of(d.pid))
+        os.kill(min(before), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        new: set[int] = set()
+        while not new and time.monotonic() < deadline:  # look as often as we can: the window is short
+            new = set(workers_of(d.pid)) - before
+        assert new, "no replacement worker within 10 s"
+        [pid] = new
+        os.kill(pid, signal.SIGSTOP)
+        os.kill(pid, signal.SIGHUP)
+        os.kill(pid, signal.SIGCONT)
+        d.wait_for_log(r"tsecho.service: received SIGHUP: reloading config", count=round_, timeout=5)
+        # Past QUICK_DEATH_S, so the next replacement starts at once.
+        wait_until(lambda: time.time() - psutil.Process(pid).create_time() > 1.2)
+    assert d.stop() == 0

@@ -1,8 +1,9 @@
 """The ``tsechod`` command: parse arguments, start up in order, pick the exit code.
 
 Startup order, so that every error reaches a terminal or the journal:
-load and validate config -> configure logging -> check the pidfile -> bind the
-listeners -> detach (only with --daemon) -> write the pidfile -> serve.
+block signals -> load and validate config -> configure logging -> lock the pid
+file -> bind the listeners -> detach (only with --daemon) -> write the pid file
+-> drop privileges -> serve (which installs the signal handlers and unblocks).
 This is the only module that chooses exit codes: 0 clean stop, 1 runtime
 failure, 2 usage error (argparse's own), 78 config error (EX_CONFIG).
 """
@@ -20,12 +21,17 @@ from collections.abc import Mapping, Sequence
 from typing import Final
 
 from . import __version__, systemd
-from .config import KEYS, Config, ConfigError, find_config_path, format_config, load_config, load_config_with_sources
-from .daemonize import DaemonizeError, ParentOutcome, PidFile, StartupReport, detach, drop_privileges, refuse_under_systemd
+from .address import one_line
+from .config import KEYS, SECTIONS, Config, ConfigError, find_config_path, load_config, load_config_with_sources
+from .daemonize import ParentOutcome, StartupReport, detach, refuse_under_systemd
 from .logsetup import configure_logging, log_fds, log_file_stream, stderr_is_journal
-from .server import THREAD_STACK_BYTES, ListenError, ServerState, open_servers
-from .service import Service
+from .pidfile import PidFile, StartupError
+from .privileges import drop_privileges
+from .server import THREAD_STACK_BYTES, ListenError, open_servers
+from .service import Service, SystemdReporter, block_signals
+from .state import ServerState
 from .supervisor import Supervisor
+from .tomlwriter import toml_value
 
 logger = logging.getLogger("tsecho.cli")
 
@@ -102,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         report_fatal(err, environ)
         return EXIT_USAGE
-    except (ListenError, DaemonizeError, StartupFailed, OSError) as err:
+    except (ListenError, StartupError, StartupFailed, OSError) as err:
         if debug:
             raise
         report_fatal(err, environ)
@@ -122,8 +128,33 @@ def check_config(explicit: str | None, environ: Mapping[str, str], overrides: Ov
     return EXIT_OK
 
 
+def format_config(config: Config, sources: Mapping[str, str]) -> str:
+    """Render *config* as TOML grouped by section, each key with its source in a comment.
+
+    What ``tsechod check-config`` prints. Keys whose value is None are shown
+    commented out. The result parses back (tomllib) to the same settings.
+    """
+    lines = ["# tsechod effective configuration; each comment says where the value came from"]
+    for section in SECTIONS:
+        lines.append("")
+        lines.append(f"[{section}]")
+        for key in KEYS:
+            if key.section != section:
+                continue
+            value = getattr(config, key.name)
+            source = one_line(sources.get(key.name, "default"))
+            if value is None:
+                lines.append(f"# {key.name} is not set  # {source}")
+            else:
+                lines.append(f"{key.name} = {toml_value(value, cut=False)}  # {source}")
+    return "\n".join(lines) + "\n"
+
+
 def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, daemon: bool) -> int:
     """Start up in the documented order and serve until stopped; return the exit code."""
+    # Until the handlers are installed, a SIGHUP or SIGUSR1 (default action: terminate)
+    # sent as soon as the port accepts would kill us; pending, it is acted on once serving.
+    block_signals()
     path = find_config_path(explicit, environ)
 
     def load() -> Config:
@@ -164,18 +195,15 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
             if pidfile is not None:
                 pidfile.write()
             drop_privileges(config.user, config.group)
-        except DaemonizeError as err:
+        except StartupError as err:
             if startup is not None:
                 startup.failed(str(err))
             raise
-        on_ready = startup.ready if startup is not None else None
-        watchdog_s = systemd.watchdog_interval_s(environ)
+        reporter = SystemdReporter(watchdog_s=systemd.watchdog_interval_s(environ),
+                                   on_ready=startup.ready if startup is not None else None)
         if config.workers > 1:
-            supervisor = Supervisor(config, [s.socket for s in servers], load,
-                                    watchdog_s=watchdog_s, on_ready=on_ready)
-            return supervisor.run()
-        service = Service(servers, state, load, watchdog_s=watchdog_s, on_ready=on_ready)
-        return service.run_until_stopped()
+            return Supervisor(config, [s.socket for s in servers], load, reporter).run()
+        return Service(servers, state, load, reporter).run_until_stopped()
 
 
 def raise_fd_limit() -> None:

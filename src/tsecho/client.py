@@ -26,7 +26,7 @@ import sys
 import time
 from typing import BinaryIO, Final, NamedTuple
 
-from .config import ListenAddress
+from .address import ListenAddress
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8009

@@ -2,7 +2,8 @@
 
 Owns every setting's name, default, validation and help text (``KEYS``), and
 the precedence rule: built-in defaults < TOML file < ``TSECHOD_*`` environment
-< command-line flags.  ``load_config()`` returns a ``Config`` or raises
+< command-line flags; and which keys a reload can change (``Key.reloadable``).
+``load_config()`` returns a ``Config`` or raises
 ``ConfigError``; it never logs, never exits and never reads ``os.environ``
 itself (the caller passes the environment in).  No sockets here; binding is
 server.py's job.
@@ -15,13 +16,15 @@ import math
 import os
 import re
 import shlex
-import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
-from typing import Any, Final, NamedTuple, cast
+from typing import Any, Final, cast
+
+from .address import ListenAddress, one_line, parse_listen, shown
+from .protocol import TIMESTAMP_STYLES, make_stamper
+from .tomlwriter import toml_value
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -35,7 +38,6 @@ __all__ = [
     "Key",
     "ListenAddress",
     "find_config_path",
-    "format_config",
     "load_config",
     "load_config_with_sources",
     "parse_listen",
@@ -67,19 +69,7 @@ class ConfigError(Exception):
     def __init__(self, message: str) -> None:
         if not message.startswith("config error: "):
             message = "config error: " + message
-        super().__init__(_one_line(message))
-
-
-class ListenAddress(NamedTuple):
-    """One address to listen on. ``str()`` gives ``127.0.0.1:8009`` or ``[::1]:8009``."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        super().__init__(one_line(message))
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,73 +107,6 @@ class Config:
 
 
 # --------------------------------------------------------------------------
-# Listen addresses
-
-_LISTEN_EXAMPLE: Final = "expected host:port, e.g. 127.0.0.1:8009 or [::1]:8009"
-_HOSTNAME_RE: Final = re.compile(
-    r"(?=.{1,253}\.?\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?\Z",
-    re.ASCII,
-)
-_PORT_RE: Final = re.compile(r"[0-9]{1,5}\Z", re.ASCII)
-_NUMERIC_HOST_RE: Final = re.compile(r"[0-9.]+\Z", re.ASCII)
-
-
-def parse_listen(text: str) -> ListenAddress:
-    """Parse ``host:port`` or ``[v6]:port`` into a ListenAddress.
-
-    The host is an IPv4 literal, a bracketed IPv6 literal (a ``%zone`` is
-    allowed) or a host name; IP literals are normalised (``[0::1]`` -> ``::1``).
-    The port is 0-65535 (0 picks a free port).  Raises ValueError whose message
-    names the text and says what is wrong.
-    """
-    shown = _shown(text)
-
-    def bad(reason: str) -> ValueError:
-        return ValueError(_one_line(f"invalid listen address {shown}: {reason}"))
-
-    if not text:
-        raise ValueError(f"empty listen address ({_LISTEN_EXAMPLE})")
-    if text.startswith("["):
-        close = text.find("]")
-        if close < 0:
-            raise bad(f"missing ']' after the IPv6 address ({_LISTEN_EXAMPLE})")
-        host, rest = text[1:close], text[close + 1 :]
-        if not rest.startswith(":"):
-            raise bad(f"missing ':port' after ']' ({_LISTEN_EXAMPLE})")
-        port_text = rest[1:]
-        try:
-            addr = ip_address(host)
-        except ValueError:
-            raise bad(f"{_shown(host)} in brackets is not an IPv6 address") from None
-        if not isinstance(addr, IPv6Address):
-            raise bad(f"brackets are only for IPv6 addresses; write {host}:{port_text}")
-        host = str(addr)
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise bad(f"missing port ({_LISTEN_EXAMPLE})")
-        if ":" in host:
-            raise bad("an IPv6 address must be in brackets, e.g. [::1]:8009")
-        if not host:
-            raise bad("missing host (use 0.0.0.0 or [::] for every address)")
-        try:
-            addr = ip_address(host)
-        except ValueError:
-            if _NUMERIC_HOST_RE.match(host):
-                raise bad(f"{_shown(host)} is not a valid IPv4 address") from None
-            if not _HOSTNAME_RE.match(host):
-                raise bad(f"{_shown(host)} is not an IP address or a valid host name") from None
-            host = host.lower()
-        else:
-            assert isinstance(addr, IPv4Address)
-            host = str(addr)
-    if not _PORT_RE.match(port_text) or int(port_text) > 65535:
-        raise bad(f"port {_shown(port_text)} is not a number 0-65535")
-    return ListenAddress(host, int(port_text))
-
-
-# --------------------------------------------------------------------------
 # The key registry
 
 Checker = Callable[[object], object]
@@ -208,6 +131,8 @@ class Key:
     from_toml: Checker
     from_text: TextParser
     flag: bool = False  # has a command-line flag
+    # False: a reload keeps the running value and warns; the new one applies after a restart.
+    reloadable: bool = True
 
     @property
     def default(self) -> object:
@@ -378,12 +303,12 @@ def _workers_key() -> tuple[Checker, TextParser, str]:
     return check, parse, reason
 
 
-TIMESTAMP_STYLES: Final = ("ctime", "iso", "epoch")
 _STRFTIME_TOKEN_RE: Final = re.compile(r"%.", re.DOTALL)
 
 
 def _check_timestamp(value: object) -> object:
-    reason = "must be ctime, iso, epoch or a strftime pattern containing '%'"
+    """A style protocol.make_stamper takes, checked by rendering a stamp with it."""
+    reason = "must be " + ", ".join(TIMESTAMP_STYLES) + " or a strftime pattern containing '%'"
     if not isinstance(value, str):
         raise _wrong_type(reason, value)
     if value.strip().lower() in TIMESTAMP_STYLES:
@@ -394,10 +319,8 @@ def _check_timestamp(value: object) -> object:
         raise ValueError("strftime pattern must not contain control characters")
     if _STRFTIME_TOKEN_RE.sub("", value).endswith("%"):
         raise ValueError("strftime pattern ends with a lone '%' (write '%%' for a percent sign)")
-    # %f (microseconds) is ours, not strftime's: the reply formatter fills it in.
-    probe = _STRFTIME_TOKEN_RE.sub(lambda m: "000000" if m.group() == "%f" else m.group(), value)
     try:
-        out = time.strftime(probe, time.gmtime(0))
+        out = make_stamper(value, utc=True)(0.0).decode("utf-8", "replace")
     except (ValueError, UnicodeError, OverflowError) as err:
         raise ValueError(f"strftime rejects the pattern: {err}") from None
     if not out.isprintable():
@@ -441,10 +364,11 @@ def _make_key(
     *,
     allowed: str | None = None,
     flag: bool = False,
+    reloadable: bool = True,
 ) -> Key:
     check, parse, reason = spec
     shown_allowed = allowed if allowed is not None else reason.removeprefix("must be ")
-    return Key(name, section, type_, shown_allowed, help_, check, parse, flag)
+    return Key(name, section, type_, shown_allowed, help_, check, parse, flag, reloadable)
 
 
 KEYS: Final[tuple[Key, ...]] = (
@@ -453,16 +377,16 @@ KEYS: Final[tuple[Key, ...]] = (
         "listen", "server", "list of addresses",
         '"host:port" or "[ipv6]:port", port 0-65535 (0 = any free port); no duplicates',
         "addresses to listen on; port 0 picks a free port (logged at start)",
-        _check_listen, _parse_listen_text, True,
+        _check_listen, _parse_listen_text, flag=True, reloadable=False,
     ),
     _make_key("backlog", "server", "integer", _int_key(1, 65535),
-              "listen queue length passed to listen()"),
+              "listen queue length passed to listen()", reloadable=False),
     _make_key("idle_timeout_s", "server", "number", _seconds_key(0, False),
               "close a connection that sends nothing for this many seconds", flag=True),
     _make_key("shutdown_timeout_s", "server", "number", _seconds_key(0, True),
               "on SIGTERM, wait at most this long for connections to finish"),
     _make_key("workers", "server", "integer or \"auto\"", _workers_key(),
-              'worker processes; "auto" = number of CPUs', flag=True),
+              'worker processes; "auto" = number of CPUs', flag=True, reloadable=False),
     # [echo]
     Key(
         "timestamp", "echo", "string",
@@ -497,11 +421,11 @@ KEYS: Final[tuple[Key, ...]] = (
               "close a client that does not read its replies for this long"),
     # [daemon]
     _make_key("pid_file", "daemon", "path", _path_key(),
-              "pid file written by --daemon; relative to this file's directory", flag=True),
+              "pid file (locked while tsechod runs); relative to this file's directory", flag=True, reloadable=False),
     _make_key("user", "daemon", "string", _name_key("user"),
-              "when started as root, switch to this user after binding", flag=True),
+              "when started as root, switch to this user after binding", flag=True, reloadable=False),
     _make_key("group", "daemon", "string", _name_key("group"),
-              "when started as root, switch to this group after binding", flag=True),
+              "when started as root, switch to this group after binding", flag=True, reloadable=False),
 )
 KEYS_BY_NAME: Final[Mapping[str, Key]] = {key.name: key for key in KEYS}
 _FIELD_DEFAULTS: Final[Mapping[str, object]] = {f.name: f.default for f in fields(Config)}
@@ -549,7 +473,12 @@ def _existing(path: str, where: str) -> Path:
         raise ConfigError(f"{where}: no such file") from None
     except (OSError, ValueError) as err:
         raise ConfigError(f"{where}: {_os_reason(err)}") from None
-    return Path(path)
+    # Absolute now: --daemon later changes directory to /, and a reload must find the same file.
+    try:
+        return Path(path).absolute()
+    except OSError as err:
+        raise ConfigError(f"{where}: relative path, but the current directory is unusable: "
+                          f"{_os_reason(err)}") from None
 
 
 def load_config(
@@ -680,29 +609,29 @@ def _read_file(path: Path) -> list[tuple[Key, object, str]]:
         if top in SECTIONS:
             if not isinstance(body, dict):
                 raise ConfigError(
-                    f"{path}: {_quote(top)} must be a section ([{top}]), not {_type_name(body)}"
+                    f"{path}: {shown(top)} must be a section ([{top}]), not {_type_name(body)}"
                 )
             for name, raw in body.items():
                 key = KEYS_BY_NAME.get(name)
                 if key is None:
                     raise ConfigError(
-                        f"{path}: unknown key {_quote(name)} in [{top}]{_key_hint(name, top)}"
+                        f"{path}: unknown key {shown(name)} in [{top}]{_key_hint(name, top)}"
                     )
                 if key.section != top:
                     raise ConfigError(
-                        f"{path}: key {_quote(name)} belongs in [{key.section}], not in [{top}]"
+                        f"{path}: key {shown(name)} belongs in [{key.section}], not in [{top}]"
                     )
-                found.append((key, raw, f"{path}: [{top}] {name} = {_toml_value(raw)}"))
+                found.append((key, raw, f"{path}: [{top}] {name} = {toml_value(raw)}"))
         elif isinstance(body, dict):
             raise ConfigError(f"{path}: unknown section [{top}]{_section_hint(top)}")
         elif top in KEYS_BY_NAME:
             section = KEYS_BY_NAME[top].section
             raise ConfigError(
-                f"{path}: key {_quote(top)} must be in a section: put it under [{section}]"
+                f"{path}: key {shown(top)} must be in a section: put it under [{section}]"
             )
         else:
             raise ConfigError(
-                f"{path}: unknown key {_quote(top)} outside any section{_key_hint(top, None)}"
+                f"{path}: unknown key {shown(top)} outside any section{_key_hint(top, None)}"
             )
     return found
 
@@ -716,8 +645,8 @@ def _key_hint(name: str, section: str | None) -> str:
     if match:
         key = KEYS_BY_NAME[match[0]]
         if key.section == section:
-            return f" (did you mean {_quote(key.name)}?)"
-        return f" (did you mean {_quote(key.name)} in [{key.section}]?)"
+            return f" (did you mean {shown(key.name)}?)"
+        return f" (did you mean {shown(key.name)} in [{key.section}]?)"
     if section is None:
         return " (keys go in a section: " + ", ".join(f"[{s}]" for s in SECTIONS) + ")"
     names = ", ".join(key.name for key in KEYS if key.section == section)
@@ -726,7 +655,7 @@ def _key_hint(name: str, section: str | None) -> str:
 
 def _section_hint(name: str) -> str:
     if name in KEYS_BY_NAME:
-        return f" ({_quote(name)} is a key in [{KEYS_BY_NAME[name].section}])"
+        return f" ({shown(name)} is a key in [{KEYS_BY_NAME[name].section}])"
     match = difflib.get_close_matches(name, SECTIONS, n=1, cutoff=0.6)
     if match:
         return f" (did you mean [{match[0]}]?)"
@@ -740,14 +669,6 @@ def _env_hint(var: str) -> str:
     if match:
         return f" (did you mean {candidates[match[0]]}?)"
     return " (TSECHOD_* variables must name a config key; see docs/configuration.md)"
-
-
-def _quote(name: str) -> str:
-    return "'" + _cut(name) + "'"
-
-
-def _shown(text: str) -> str:
-    return "'" + _cut(text) + "'"
 
 
 def _cut(text: str) -> str:
@@ -767,80 +688,3 @@ def _os_reason(err: BaseException) -> str:
     return str(err)
 
 
-def _one_line(text: str) -> str:
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def _toml_string(text: str) -> str:
-    out = []
-    for c in text:
-        if c == '"':
-            out.append('\\"')
-        elif c == "\\":
-            out.append("\\\\")
-        elif c in "\b\t\n\f\r":
-            out.append({"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}[c])
-        elif ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) <= 0xDFFF:
-            out.append(f"\\u{ord(c):04x}")
-        else:
-            out.append(c)
-    return '"' + "".join(out) + '"'
-
-
-def _toml_value(value: object, *, cut: bool = True) -> str:
-    """Render a value as TOML (cut to a readable length for messages)."""
-    if isinstance(value, bool):
-        shown = "true" if value else "false"
-    elif isinstance(value, int):
-        # str() of a huge int is slow or refused (sys.get_int_max_str_digits).
-        shown = str(value) if value.bit_length() <= 256 else f"<a {value.bit_length()}-bit integer>"
-    elif isinstance(value, float):
-        if math.isnan(value):
-            shown = "nan"
-        elif math.isinf(value):
-            shown = "inf" if value > 0 else "-inf"
-        else:
-            shown = repr(value)
-    elif isinstance(value, str):
-        shown = _toml_string(value)
-    elif isinstance(value, Path):
-        shown = _toml_string(str(value))
-    elif isinstance(value, ListenAddress):
-        shown = _toml_string(str(value))
-    elif isinstance(value, list | tuple):
-        shown = "[" + ", ".join(_toml_value(item, cut=False) for item in value) + "]"
-    elif isinstance(value, dict):
-        shown = "{" + ", ".join(
-            f"{_toml_string(str(k))} = {_toml_value(v, cut=False)}" for k, v in value.items()
-        ) + "}"
-    else:
-        shown = value.isoformat() if hasattr(value, "isoformat") else str(value)
-    return _cut(shown) if cut else shown
-
-
-# --------------------------------------------------------------------------
-# check-config output
-
-
-def format_config(config: Config, sources: Mapping[str, str]) -> str:
-    """Render *config* as TOML grouped by section, each key with its source in a comment.
-
-    Used by ``tsechod check-config``.  Keys whose value is None are shown
-    commented out.  The result parses back (tomllib) to the same settings.
-    """
-    lines = ["# tsechod effective configuration; each comment says where the value came from"]
-    for section in SECTIONS:
-        lines.append("")
-        lines.append(f"[{section}]")
-        for key in KEYS:
-            if key.section != section:
-                continue
-            value = getattr(config, key.name)
-            source = _one_line(sources.get(key.name, "default"))
-            if value is None:
-                lines.append(f"# {key.name} is not set  # {source}")
-            else:
-                lines.append(f"{key.name} = {_toml_value(value, cut=False)}  # {source}")
-    return "\n".join(lines) + "\n"

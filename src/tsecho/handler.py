@@ -1,9 +1,17 @@
-"""One connection's life: read, decode, answer, close, and log one access event.
+"""One connection's life: its phases, the line loop, and how it ends.
 
+``EchoHandler`` serves one admitted connection in its own thread: first the
+*preamble* (phases before any line is read: a PROXY header, a TLS handshake;
+each one a method with its own deadline), then the line loop, then close.
 The socket is non-blocking and every wait is a ``poll()`` on two things: the
 peer's socket and the server's stop pipe. That lets a stop reach a thread
 blocked waiting for an idle peer at once, without a polling interval and
-without closing the socket under it. Protocol rules live in protocol.py.
+without closing the socket under it. Protocol rules live in protocol.py; what
+the thread shares with others (config, clock, stop, counters) in state.py.
+
+Error mapping is in one place, ``handle``: a peer's fault becomes the access
+event's reason; anything else is a bug, logged once with its traceback by the
+server, and only this connection ends.
 """
 
 from __future__ import annotations
@@ -14,12 +22,10 @@ import select
 import socket
 import socketserver
 import time
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from .protocol import LineDecoder, LineTooLong, TelnetFilter, count_lines, err_line_too_long, format_replies
-
-if TYPE_CHECKING:
-    from .server import EchoServer
+from .state import Connection, ServerState
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +40,7 @@ LINGER_S: Final = 2.0
 _POLLIN: Final = select.POLLIN | select.POLLPRI
 _POLLOUT: Final = select.POLLOUT
 _POLLERR: Final = select.POLLERR | select.POLLHUP | select.POLLNVAL
+_PEER_GONE: Final = frozenset((errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ECONNABORTED, errno.ENOTCONN))
 
 
 class _Closed(Exception):
@@ -44,55 +51,69 @@ class _Closed(Exception):
         self.reason = reason
 
 
-def peer_name(address: tuple[Any, ...]) -> str:
-    """'127.0.0.1:51544' or '[::1]:51544', without any name lookup."""
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _escape(data: bytes) -> str:
     """Client bytes made safe for a log line: no control characters, no forged lines."""
     return repr(data)[2:-1]
 
 
 class EchoHandler(socketserver.BaseRequestHandler):
-    """Answer each line of one connection with the timestamped line."""
+    """Answer each line of one connection with the timestamped line.
 
-    server: EchoServer
+    Methods run in the connection's own thread, in this order: ``setup``,
+    ``handle`` (``preamble``, then ``_serve``: the line loop), ``finish``.
+    """
+
     request: socket.socket
 
+    def __init__(self, request: Any, client_address: Any, server: socketserver.BaseServer,
+                 state: ServerState, conn: Connection) -> None:
+        self.state = state
+        self.conn = conn
+        super().__init__(request, client_address, server)
+
     def setup(self) -> None:
-        self.started = time.monotonic()
-        self.peer = peer_name(self.client_address)
-        self.lines = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.server.state.attach(self.request, self)
         # Non-blocking: we poll ourselves, so the stop pipe can wake us (see module doc).
         self.request.setblocking(False)
         self._read_poll = select.poll()
         self._read_poll.register(self.request, _POLLIN)
-        self._read_poll.register(self.server.state.stop_fd, select.POLLIN)
+        self._read_poll.register(self.state.stop_fd, select.POLLIN)
         self._write_poll: select.poll | None = None  # made when a reply first has to wait
 
     def handle(self) -> None:
-        state = self.server.state
-        reason = "error"
         try:
+            self.preamble()
             self._serve()
         except _Closed as closed:
-            reason = closed.reason
+            self.conn.reason = closed.reason
         except (ConnectionResetError, BrokenPipeError):
-            reason = "reset"
+            self.conn.reason = "reset"
         except OSError as err:
-            if err.errno not in (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ECONNABORTED, errno.ENOTCONN):
+            if err.errno not in _PEER_GONE:
                 raise  # a bug or a resource problem: EchoServer.handle_error logs it
-            reason = "reset"
-        finally:
-            self._log_access(reason)
+            self.conn.reason = "reset"
+
+    def finish(self) -> None:
+        # Close before the access event is logged: the peer gets its FIN whatever the log sink does.
+        self.request.close()
+
+    def preamble(self) -> None:
+        """The phases before the line loop, each bounded by its own deadline.
+
+        None yet: a PROXY header and a TLS handshake plug in here as methods that
+        wait with ``_wait_readable(deadline, reason)`` and raise ``_Closed``.
+        """
+
+    def _wait_readable(self, deadline: float, reason: str) -> None:
+        """Wait until the peer sent something; ``_Closed(reason)`` at *deadline*, "shutdown" on a stop."""
+        while (left := deadline - time.monotonic()) > 0:
+            for fd, _ in self._read_poll.poll(left * 1000 + 1):
+                if fd == self.state.stop_fd:
+                    raise _Closed("shutdown")
+                return
+        raise _Closed(reason)
 
     def _serve(self) -> None:
-        state = self.server.state
+        state = self.state
         config = state.config
         decoder = LineDecoder(config.max_line_bytes)
         telnet = TelnetFilter() if config.telnet else None
@@ -130,9 +151,9 @@ class EchoHandler(socketserver.BaseRequestHandler):
                     self._answer(decoder.finish())
                 raise _Closed("eof")
             last_read = monotonic()
-            self.bytes_in += len(data)
+            self.conn.bytes_in += len(data)
             if logger.isEnabledFor(logging.DEBUG):
-                logger.debug("%s sent %d bytes: %s", self.peer, len(data), _escape(data))
+                logger.debug("%s sent %d bytes: %s", self.conn.peer, len(data), _escape(data))
             had_pending = decoder.pending
             if telnet is not None:
                 data = telnet.feed(data)
@@ -148,15 +169,15 @@ class EchoHandler(socketserver.BaseRequestHandler):
             block = decoder.feed(data)
         except LineTooLong as err:
             self._answer(err.lines_before, tail=err_line_too_long(err.max_line_bytes))
-            logger.warning("%s closed: line too long (max %d bytes)", self.peer, err.max_line_bytes)
+            logger.warning("%s closed: line too long (max %d bytes)", self.conn.peer, err.max_line_bytes)
             self._linger(time.monotonic() + LINGER_S)
             raise _Closed("too-long") from None
         self._answer(block)
 
     def _answer(self, block: bytes, tail: bytes = b"") -> None:
         if block:
-            state = self.server.state
-            self.lines += count_lines(block)
+            state = self.state
+            self.conn.lines += count_lines(block)
             self._send(format_replies(block, state.stamper(state.clock())) + tail)
         elif tail:
             self._send(tail)
@@ -167,13 +188,13 @@ class EchoHandler(socketserver.BaseRequestHandler):
             sent = self.request.send(data)
         except BlockingIOError:
             sent = 0
-        self.bytes_out += sent
+        self.conn.bytes_out += sent
         if sent < len(data):  # the peer's window is full: wait for it (rare, so out of line)
             self._send_rest(memoryview(data)[sent:])
 
     def _send_rest(self, view: memoryview) -> None:
         sock = self.request
-        state = self.server.state
+        state = self.state
         if self._write_poll is None:
             self._write_poll = select.poll()
             self._write_poll.register(sock, _POLLOUT)
@@ -201,7 +222,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
                 sent = sock.send(view)
             except BlockingIOError:
                 sent = 0
-            self.bytes_out += sent
+            self.conn.bytes_out += sent
             view = view[sent:]
             if not view:
                 return
@@ -212,7 +233,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
         Closing with unread input sends a reset, which can destroy the ERR line
         still on its way, and makes ``nc`` quit without printing it.
         """
-        state = self.server.state
+        state = self.state
         sock = self.request
         try:
             sock.shutdown(socket.SHUT_WR)
@@ -247,15 +268,15 @@ class EchoHandler(socketserver.BaseRequestHandler):
             if not data:
                 break
             drained += len(data)
-            self.bytes_in += len(data)
+            self.conn.bytes_in += len(data)
             if telnet is not None:
                 data = telnet.feed(data)
             self._feed(decoder, data)
             if telnet is not None and telnet.interrupted:
                 break
         sock.shutdown(socket.SHUT_WR)
-        self._read_poll.unregister(self.server.state.stop_fd)
-        deadline = self.server.state.stop_deadline
+        self._read_poll.unregister(self.state.stop_fd)
+        deadline = self.state.stop_deadline
         while (left := deadline - time.monotonic()) > 0:
             if not self._read_poll.poll(left * 1000 + 1):
                 continue
@@ -266,23 +287,26 @@ class EchoHandler(socketserver.BaseRequestHandler):
                 continue
         raise _Closed("shutdown")
 
-    def _log_access(self, reason: str) -> None:
-        duration = time.monotonic() - self.started
-        logger.info(
-            "%s closed reason=%s duration_s=%.3f lines=%d bytes_in=%d bytes_out=%d",
-            self.peer,
-            reason,
-            duration,
-            self.lines,
-            self.bytes_in,
-            self.bytes_out,
-            extra={
-                "event": "access",
-                "peer": self.peer,
-                "reason": reason,
-                "duration_s": round(duration, 6),
-                "lines": self.lines,
-                "bytes_in": self.bytes_in,
-                "bytes_out": self.bytes_out,
-            },
-        )
+
+
+def log_access(conn: Connection) -> None:
+    """The access event of a connection that has ended: one line, and fields for the JSON log."""
+    duration = time.monotonic() - conn.started
+    logger.info(
+        "%s closed reason=%s duration_s=%.3f lines=%d bytes_in=%d bytes_out=%d",
+        conn.peer,
+        conn.reason,
+        duration,
+        conn.lines,
+        conn.bytes_in,
+        conn.bytes_out,
+        extra={
+            "event": "access",
+            "peer": conn.peer,
+            "reason": conn.reason,
+            "duration_s": round(duration, 6),
+            "lines": conn.lines,
+            "bytes_in": conn.bytes_in,
+            "bytes_out": conn.bytes_out,
+        },
+    )

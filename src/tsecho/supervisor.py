@@ -2,12 +2,15 @@
 
 The main process binds the listeners (so errors reach the terminal and ports
 below 1024 work before privileges drop), then forks the workers. Each worker is
-an ordinary single-process tsechod (a ``Service`` over its own ``ServerState``)
+an ordinary serving process (a ``Service`` over its own ``ServerState``)
 accepting on the inherited sockets; the kernel spreads connections among them.
-The supervisor only does process control: it forwards SIGTERM, SIGHUP and
-SIGUSR1, replaces a worker that dies, and speaks for all of them to systemd
-(READY once every worker is up, STATUS with the sums, WATCHDOG while every
-worker's accept loop turns). No sockets are served here; see service.py.
+The supervisor only does process control, in the same loop as every process
+(service.ProcessControl): it reloads (and keeps the new config, so a worker
+forked later serves it), forwards SIGTERM, SIGHUP and SIGUSR1, replaces a
+worker that dies, and speaks for all of them to systemd (READY once every
+worker is up, STATUS with the sums, WATCHDOG while every worker's accept loops
+turn). Workers report to it through ``WorkerReporter``: their figures and
+liveness in a shared mapping, and one byte on a pipe when ready.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import ctypes
 import logging
 import mmap
 import os
-import queue
 import select
 import signal
 import socket
@@ -25,29 +27,31 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from . import systemd
 from .config import Config, ConfigError
-from .logsetup import configure_logging, reopen_logs
-from .server import EchoServer, ServerState
-from .service import STOP_GRACE_S, STOP_SIGNALS, Notify, Service, ignore_signals_while_exiting
+from .server import EchoServer, ReadyThreads
+from .service import (HANDLED_SIGNALS, STOP_GRACE_S, ProcessControl, Service, SystemdReporter,
+                      ignore_signals_while_exiting, reload_config)
+from .state import FIGURES_SIZE, Figures, ServerState
 
 logger = logging.getLogger(__name__)
 
 TICK_S: Final = 0.5
-STATUS_EVERY_S: Final = 5.0
 WORKER_STARTUP_TIMEOUT_S: Final = 30.0
 # A worker that dies this soon after starting is restarted only after a pause,
 # so a crash at startup doesn't turn into a fork loop.
 QUICK_DEATH_S: Final = 1.0
 RESTART_PAUSE_S: Final = 1.0
-# Workers tick this often (STATUS figures, accept-loop liveness) into shared memory.
+# Workers write their figures and accept-loop liveness this often.
 WORKER_TICK_S: Final = 1.0
+# A worker whose accept loops have not turned for this long is stuck: no WATCHDOG=1 for it.
+WORKER_STUCK_S: Final = 3 * WORKER_TICK_S
 PR_SET_PDEATHSIG: Final = 1  # from <linux/prctl.h>
-_SLOT: Final = struct.Struct("qqqd")  # connections, lines, refused, monotonic time the accept loops last turned
+# A slot: the Figures vector, then the monotonic time the worker's accept loops last turned.
+_SLOT: Final = struct.Struct(f"{FIGURES_SIZE}qd")
 
 
 class SharedFigures:
-    """Each worker's live figures in one shared anonymous mapping, a slot per worker.
+    """Each worker's figures in one shared anonymous mapping, a slot per worker.
 
     A slot has one writer (its worker) and one reader (the supervisor); a torn
     read only skews a STATUS line for a few seconds.
@@ -56,36 +60,63 @@ class SharedFigures:
     def __init__(self, workers: int) -> None:
         self._mem = mmap.mmap(-1, _SLOT.size * workers)  # MAP_SHARED: survives fork() shared
 
-    def write(self, index: int, state: ServerState, alive_at: float | None = None) -> None:
-        old = self.read(index)
-        figures = (state.connections, state.lines, state.refused, old[3] if alive_at is None else alive_at)
-        _SLOT.pack_into(self._mem, index * _SLOT.size, *figures)
+    def write(self, index: int, figures: Figures, alive_at: float) -> None:
+        _SLOT.pack_into(self._mem, index * _SLOT.size, *figures.as_vector(), alive_at)
 
-    def read(self, index: int) -> tuple[int, int, int, float]:
-        return _SLOT.unpack_from(self._mem, index * _SLOT.size)
+    def read(self, index: int) -> tuple[Figures, float]:
+        *vector, alive_at = _SLOT.unpack_from(self._mem, index * _SLOT.size)
+        return Figures.from_vector(vector), alive_at
 
     def clear(self, index: int) -> None:
-        _SLOT.pack_into(self._mem, index * _SLOT.size, 0, 0, 0, time.monotonic())
+        self.write(index, Figures(), time.monotonic())
 
 
-class Supervisor:
+class WorkerReporter:
+    """A worker's reporter: figures into its slot of SharedFigures, one byte on the ready pipe."""
+
+    tick_s = WORKER_TICK_S
+
+    def __init__(self, index: int, figures: SharedFigures, ready_fd: int) -> None:
+        self.index = index
+        self.figures = figures
+        self.ready_fd = ready_fd
+
+    def ready(self, figures: Figures) -> None:
+        self.figures.write(self.index, figures, time.monotonic())
+        os.write(self.ready_fd, bytes([self.index]))
+        os.close(self.ready_fd)
+
+    def status(self, figures: Figures, accept_loops_alive_at: float) -> None:
+        self.figures.write(self.index, figures, accept_loops_alive_at)
+
+    def reloading(self) -> None:
+        pass  # the supervisor speaks for every worker
+
+    def reloaded(self) -> None:
+        pass
+
+    def stopping(self) -> None:
+        pass
+
+
+class Supervisor(ProcessControl):
     """Start, watch and stop the worker processes."""
+
+    signals = (*HANDLED_SIGNALS, signal.SIGCHLD)
+    tick_s = TICK_S
 
     def __init__(
         self,
         config: Config,
         sockets: Sequence[socket.socket],
         load_config: Callable[[], Config],
-        notify: Notify = systemd.notify,
-        watchdog_s: float | None = None,
-        on_ready: Callable[[], object] | None = None,
+        reporter: SystemdReporter | None = None,
     ) -> None:
+        super().__init__()
         self.config = config
         self.sockets = list(sockets)
         self.load_config = load_config
-        self.notify = notify
-        self.watchdog_s = watchdog_s
-        self.on_ready = on_ready
+        self.reporter = reporter or SystemdReporter()
         self.workers: dict[int, int] = {}  # index -> pid
         self._started_at: dict[int, float] = {}
         self._restart_at: dict[int, float] = {}
@@ -93,14 +124,13 @@ class Supervisor:
         self._ready_r, self._ready_w = os.pipe()
         self._stopping = False
         self._supervisor_pid = os.getpid()
+        self._next_status = 0.0
 
     # -- the supervisor ------------------------------------------------------------------
 
     def run(self) -> int:
         """Run the workers until SIGTERM or SIGINT; return the exit status."""
-        received: queue.SimpleQueue[int] = queue.SimpleQueue()
-        for handled in (*STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
-            signal.signal(handled, lambda s, _frame: received.put_nowait(s))
+        self.install_signal_handlers()
         for index in range(self.config.workers):
             self._spawn(index)
         if not self._wait_until_all_ready():
@@ -109,62 +139,52 @@ class Supervisor:
             return 1
         logger.info("%d workers ready: %s", len(self.workers),
                     ", ".join(f"PID {pid}" for pid in self.workers.values()))
-        self.notify("READY=1")
-        if self.on_ready is not None:
-            self.on_ready()
-        next_status = 0.0
-        while True:
-            try:
-                signum = received.get(timeout=TICK_S)
-            except queue.Empty:
-                signum = 0
-            if signum in STOP_SIGNALS:
-                logger.info("received %s: stopping %d workers", signal.Signals(signum).name, len(self.workers))
-                break
-            if signum == signal.SIGHUP:
-                self._reload()
-            elif signum == signal.SIGUSR1:
-                logger.info("received SIGUSR1: reopening log files")
-                reopen_logs()
-                self._forward(signal.SIGUSR1)
-            self._reap()
-            self._restart_due()
-            self._drain_ready_pipe()
-            if time.monotonic() >= next_status:
-                next_status = time.monotonic() + min(STATUS_EVERY_S, (self.watchdog_s or 15.0) / 3)
-                self._report()
+        self.reporter.ready(self._sum_figures(), prefix=f"{len(self.workers)} workers, ")
+        signum = self.loop()
+        logger.info("received %s: stopping %d workers", signal.Signals(signum).name, len(self.workers))
         self._stop()
         logger.info("stopped")
         ignore_signals_while_exiting()
         return 0
 
-    def _reload(self) -> None:
-        """Check the new config once here, then let every worker reload it."""
+    def handle_hup(self) -> None:
+        """Reload here, keep the result (workers forked later serve it), then let every worker reload."""
         logger.info("received SIGHUP: reloading config in %d workers", len(self.workers))
-        self.notify(systemd.reloading_message())
+        self.reporter.reloading()
         try:
-            new = self.load_config()
+            self.config = reload_config(self.load_config, self.config)
         except ConfigError as err:
             logger.error("reload failed, keeping the running config: %s", err)
         else:
-            if new.workers != self.config.workers:
-                logger.warning("reload: workers changed; it applies only after a restart (systemctl restart tsechod)")
-            try:
-                configure_logging(new)
-            except OSError as err:
-                logger.error("reload: cannot open log file %s: %s; keeping the old log settings", new.log_file, err)
             self._forward(signal.SIGHUP)
-        self.notify("READY=1")
+        self.reporter.reloaded()
+
+    def handle_usr1(self) -> None:
+        super().handle_usr1()
+        self._forward(signal.SIGUSR1)
+
+    def handle_chld(self) -> None:
+        self._reap()
+
+    def tick(self) -> None:
+        self._reap()
+        self._restart_due()
+        self._drain_ready_pipe()
+        if time.monotonic() >= self._next_status:
+            self._next_status = time.monotonic() + self.reporter.tick_s
+            self._report()
+
+    def _sum_figures(self) -> Figures:
+        return Figures.total(self._figures.read(i)[0] for i in self.workers)
 
     def _report(self) -> None:
+        slots = [self._figures.read(i) for i in self.workers]
         now = time.monotonic()
-        figures = [self._figures.read(i) for i in self.workers]
-        conns, lines, refused = (sum(f[k] for f in figures) for k in range(3))
-        self.notify(f"STATUS={len(self.workers)} workers, {conns} connections, {lines} lines, {refused} refused")
-        limit = max(3 * WORKER_TICK_S, (self.watchdog_s or 0) / 2)
-        all_alive = len(self.workers) == self.config.workers and all(now - f[3] < limit for f in figures)
-        if self.watchdog_s and all_alive:
-            self.notify("WATCHDOG=1")
+        all_alive = len(self.workers) == self.config.workers and all(now - alive_at < WORKER_STUCK_S
+                                                                     for _, alive_at in slots)
+        figures = Figures.total(f for f, _ in slots)
+        # The watchdog is vouched for only while every worker is there and turning.
+        self.reporter.status(figures, now if all_alive else 0.0, prefix=f"{len(self.workers)} workers, ")
 
     def _forward(self, signum: int) -> None:
         for pid in self.workers.values():
@@ -222,7 +242,7 @@ class Supervisor:
     def _stop(self) -> None:
         """SIGTERM every worker; each drains within shutdown_timeout_s; kill what is left."""
         self._stopping = True
-        self.notify("STOPPING=1")
+        self.reporter.stopping()
         self._forward(signal.SIGTERM)
         deadline = time.monotonic() + self.config.shutdown_timeout_s + 2 * STOP_GRACE_S
         while self.workers and time.monotonic() < deadline:
@@ -240,8 +260,16 @@ class Supervisor:
     # -- a worker ------------------------------------------------------------------------
 
     def _spawn(self, index: int) -> None:
-        pid = os.fork()
+        # Blocked across fork(): until the worker has its own handlers, a signal
+        # waits for them instead of falling into our queue, copied but unread there.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+            raise
         if pid:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
             self.workers[index] = pid
             self._started_at[index] = time.monotonic()
             return
@@ -255,28 +283,16 @@ class Supervisor:
             os._exit(status)
 
     def _worker_main(self, index: int) -> int:
+        """The forked worker: reset what it inherited first, then serve like a single process."""
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        _stop_with_parent(self._supervisor_pid)
         os.close(self._ready_r)
+        _stop_with_parent(self._supervisor_pid)
         state = ServerState(self.config)
-        servers = [EchoServer(sock, state) for sock in self.sockets]
-        figures = self._figures
-        ready_w = self._ready_w
-
-        def notify(message: str) -> None:
-            nonlocal ready_w
-            if message == "READY=1" and ready_w >= 0:
-                figures.write(index, state, alive_at=time.monotonic())
-                os.write(ready_w, bytes([index]))
-                os.close(ready_w)
-                ready_w = -1
-            elif message.startswith("STATUS="):
-                figures.write(index, state)
-            elif message == "WATCHDOG=1":
-                figures.write(index, state, alive_at=time.monotonic())
-
-        service = Service(servers, state, self.load_config, notify=notify, watchdog_s=3 * WORKER_TICK_S)
-        return service.run_until_stopped()
+        threads = ReadyThreads()
+        servers = [EchoServer(sock, state, threads) for sock in self.sockets]
+        reporter = WorkerReporter(index, self._figures, self._ready_w)
+        # Installs the worker's own handlers and takes any signal that waited meanwhile.
+        return Service(servers, state, self.load_config, reporter=reporter).run_until_stopped()
 
 
 def _stop_with_parent(supervisor_pid: int) -> None:

@@ -5,7 +5,7 @@
   it unconditionally; outside systemd every call is a cheap no-op.
 - ``listen_fds(os.environ)`` takes over the listening sockets systemd passed in
   (``LISTEN_PID``/``LISTEN_FDS``/``LISTEN_FDNAMES``, fds from 3 on), like ``sd_listen_fds(1)``.
-- ``watchdog_interval_s()``, ``under_systemd()``, ``monotonic_usec()``/``reloading_message()``
+- ``watchdog_interval_s()``, ``monotonic_usec()``/``reloading_message()``
   are the small helpers around them.
 
 No dependency on libsystemd or python-systemd: each protocol is a few lines (see sd_notify(3),
@@ -156,11 +156,6 @@ def watchdog_interval_s(environ: Mapping[str, str] = os.environ) -> float | None
         except ValueError:
             return None
     return usec / 1_000_000
-
-
-def under_systemd(environ: Mapping[str, str] = os.environ) -> bool:
-    """True when this process was started by systemd as a service (INVOCATION_ID or NOTIFY_SOCKET set)."""
-    return bool(environ.get("INVOCATION_ID") or environ.get("NOTIFY_SOCKET"))
 
 
 def monotonic_usec() -> int:
