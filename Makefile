@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test bench install uninstall clean
+.PHONY: run test check bench install uninstall clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,12 @@ run: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(VENV)/bin/python -m pytest
+
+# The edit-test loop: the type check, then everything but the soak, the systemd lab and the
+# benchmark smoke. `make test` (what CI runs) is the whole suite.
+check: $(INSTALLED)
+	$(VENV)/bin/mypy
+	$(VENV)/bin/python -m pytest -m "not slow and not systemd"
 
 bench: $(INSTALLED)
 	$(VENV)/bin/python benchmarks/run.py

@@ -1,87 +1,32 @@
-"""Shared test helpers: a real tsechod subprocess, an in-process server, socket helpers.
+"""The fixtures: a real tsechod subprocess (``tsechod``) and an in-process server (``server``).
 
 Nothing here fakes the daemon: ``tsechod`` starts ``python -m tsecho.cli`` for
 real on port 0 and reads the port from its ``listening on`` log line. The one
-substitute is the clock of the in-process server (``FIXED_NOW``).
+substitute is the clock of the in-process server (``FIXED_NOW``). Plain helpers
+(sockets, waiting, process figures, log parsing) are in helpers.py.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 from tsecho.config import Config, parse_listen
 from tsecho.server import EchoServer, open_servers
 from tsecho.state import ServerState
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-FIXED_NOW = 1473978552.123456  # Thu Sep 15 22:29:12 2016 UTC
-STAMP = b"[Thu Sep 15 22:29:12 2016]"
-CTIME_REPLY = re.compile(rb"^\[(Mon|Tue|Wed|Thu|Fri|Sat|Sun) [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4}\] ")
-LISTENING = re.compile(r"listening on (\S+)")
-
-
-def require_tool(name: str) -> str:
-    """Path of a tool the test needs. Missing: a failure in CI (CI set), a skip elsewhere."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (apt-get install the package that has it; .ci/run does)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> object:
-    """Poll *predicate* until it returns something truthy; fail after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
-        time.sleep(interval)
-
-
-def recv_until(sock: socket.socket, count: int, timeout: float = 5.0, sep: bytes = b"\n") -> bytes:
-    """Read until *count* separators arrived (or EOF); fail on timeout."""
-    sock.settimeout(timeout)
-    data = b""
-    while data.count(sep) < count:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def recv_lines(sock: socket.socket, count: int, timeout: float = 5.0) -> list[bytes]:
-    """Read *count* reply lines, without their line endings."""
-    data = recv_until(sock, count, timeout)
-    return [line.rstrip(b"\r") for line in data.split(b"\n")[:count]]
-
-
-def recv_all(sock: socket.socket, timeout: float = 5.0) -> bytes:
-    """Read until the peer closes."""
-    sock.settimeout(timeout)
-    chunks = []
-    while chunk := sock.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
+FIXED_NOW = 1473978552.123456  # Thu Sep 15 22:29:12 2016 UTC: helpers.STAMP
 
 
 @dataclass

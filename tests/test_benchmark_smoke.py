@@ -20,11 +20,12 @@ import time
 
 import pytest
 
-from conftest import REPO, require_tool
+from helpers import REPO, require_tool
 
 BASE_SERVERS = ("tsechod", "tutorial", "asyncio", "uvloop", "c-epoll")
 
 
+@pytest.mark.slow
 def test_quick_benchmark_runs_every_server_with_zero_bad_replies(tmp_path) -> None:
     require_tool("gcc")
     require_tool("taskset")

@@ -24,7 +24,8 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from conftest import CTIME_REPLY, Daemon
+from helpers import CTIME_REPLY
+from conftest import Daemon
 from tsecho.client import Address, AddressError, ReplyStream, parse_address
 
 CLIENT = [sys.executable, "-W", "error", "-m", "tsecho.client"]

@@ -771,7 +771,7 @@ def test_bad_listen_addresses_say_what_is_wrong(text: str, message: str) -> None
 
 
 # --------------------------------------------------------------------------
-# Property tests (issue 3 item 10): nothing but ConfigError, ever
+# Property tests: nothing but ConfigError, ever
 
 
 def toml_literal(value: object) -> str:

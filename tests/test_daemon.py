@@ -9,13 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pexpect
 import pytest
-from conftest import CTIME_REPLY, REPO, daemon_env, recv_all, recv_lines, require_tool, wait_until
+from helpers import CTIME_REPLY, REPO, fan_out, recv_all, recv_lines, require_tool, wait_until
+from conftest import daemon_env
 
 ISO_REPLY = re.compile(rb"^\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}[+-]\d\d:\d\d\] ")
 ACCESS = r"(\S+) closed reason=(\S+) duration_s=\S+ lines=(\d+) bytes_in=(\d+) bytes_out=(\d+)"
@@ -131,11 +131,7 @@ def test_200_concurrent_clients_get_every_reply_right_and_in_order(tsechod) -> N
         except (OSError, ValueError) as err:
             errors.append(f"{n}: {err}")
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(200)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    fan_out(200, client, timeout=60)
     assert errors == []
     d.wait_for_log(r"closed reason=eof", count=200, timeout=20)
 

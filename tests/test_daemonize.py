@@ -32,8 +32,7 @@ from pathlib import Path
 import pytest
 
 from tsecho import daemonize
-from tsecho.pidfile import AlreadyRunningError, PidFile, PidFileError, StartupError
-from tsecho.privileges import drop_privileges
+from tsecho.pidfile import AlreadyRunningError, PidFile, PidFileError
 
 TIMEOUT_S = 15.0
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import CTIME_REPLY, REPO, recv_all, recv_lines, require_tool, wait_until
+from helpers import CTIME_REPLY, REPO, recv_all, recv_lines, require_tool, wait_until
 
 GUIDE = REPO / "docs" / "tls-and-load-balancing.md"
 PAYLOAD_BYTES = 14  # b"round trip 00\n": the access log line of a client, not of a health check

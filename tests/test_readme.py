@@ -10,7 +10,8 @@ import subprocess
 
 import psutil
 import pytest
-from conftest import CTIME_REPLY, REPO, daemon_env, recv_lines, require_tool, wait_until
+from helpers import CTIME_REPLY, REPO, require_tool, wait_until
+from conftest import daemon_env
 
 
 def readme_commands() -> list[str]:

@@ -7,7 +7,7 @@ import struct
 import threading
 import time
 
-from conftest import STAMP, recv_all, recv_lines, recv_until, wait_until
+from helpers import STAMP, fan_out, recv_all, recv_lines, recv_until, wait_until
 
 from tsecho.server import EchoServer
 
@@ -39,11 +39,7 @@ def test_many_concurrent_clients_each_get_their_own_replies(server: EchoServer) 
         except OSError as err:
             failures.append(f"client {n}: {err}")
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(50)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
+    fan_out(50, client, timeout=30)
     assert failures == []
 
 

@@ -1,4 +1,4 @@
-"""Two minutes of mixed load against a real tsechod (issue 3, item 9): memory and threads stay flat.
+"""Two minutes of mixed load against a real tsechod: memory and threads stay flat.
 
 Marked slow, but CI runs it. The figures (RSS and threads after the warm-up,
 every 20 s, at the end and after the load left) are printed as ``FIGURES soak ...``.
@@ -10,8 +10,8 @@ import threading
 import time
 
 import pytest
-from conftest import recv_lines
-from test_hostile import Pipeliner, access_events, assert_no_errors, baseline, connect_from, figures, settle, show
+from helpers import (Pipeliner, access_events, assert_no_errors, baseline, connect_from, recv_lines, settle,
+                     show)
 
 SOAK_S = 120.0
 # RSS settles slowly, then stops: a 7-minute run of this load read 20.5 MiB at 20 s, 21.0 at

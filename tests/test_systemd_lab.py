@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
+from helpers import require_tool
 
 REPO = Path(__file__).resolve().parents[1]
 LAB_TOOL = REPO.parent / "shared" / "tools" / "systemd-lab"

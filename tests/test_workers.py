@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import psutil
-from conftest import CTIME_REPLY, recv_all, recv_lines, wait_until
+from helpers import CTIME_REPLY, recv_all, recv_lines, wait_until
 
 ISO = re.compile(rb"^\[\d{4}-\d\d-\d\dT")
 

@@ -7,8 +7,8 @@ serve connections). Process control (signals, reload, notify) is service.py's;
 one connection's life is handler.py's.
 
 accept -> ``ServerState.admit`` (limits; a refusal gets its ERR line without a
-thread) -> a parked or new thread -> ``EchoHandler`` -> close -> release ->
-access event.
+thread) -> a parked or new thread -> ``EchoHandler`` -> close -> access event
+-> release.
 """
 
 from __future__ import annotations
@@ -191,10 +191,12 @@ class EchoServer(socketserver.ThreadingTCPServer):
         except Exception:
             self.handle_error(request, client_address)
         finally:
-            request.close()
-            self.state.release(conn)
-            log_access(conn)
-            thread.name = "tsecho-conn-parked"
+            request.close()  # the peer has its FIN before the access event is written
+            try:
+                log_access(conn)
+            finally:
+                self.state.release(conn)  # last: a stop waits for every release, so no event is lost
+                thread.name = "tsecho-conn-parked"
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A bug in a handler: log it once with its traceback; only that connection ends."""
