@@ -8,13 +8,17 @@ import ipaddress
 import re
 import socket
 import struct
-from collections.abc import Iterator
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from unittest import mock
 
 import crc32c as crc32c_oracle
 import proxyprotocol.tlv
 import pytest
+from conftest import recv_all, require_tool, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from proxyprotocol.result import (
@@ -574,3 +578,132 @@ def test_a_corrupted_v2_header_is_refused_or_parsed_never_crashes(result: ProxyR
     header, _ = outcome
     # The checksum covers every byte of the header: a flip that still parses was not checked.
     assert not header.crc32c_verified
+
+
+# -- headers from a real HAProxy ---------------------------------------------------------------
+
+
+class Capture:
+    """A loopback listener that keeps, per accepted connection, every byte until the peer closes."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.server.getsockname()[1]
+        self.connections: list[tuple[tuple[str, int], bytes]] = []  # (peer, bytes)
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._serve, name="capture-accept", daemon=True)
+        self.stopped = threading.Event()
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.server.settimeout(0.2)
+        while not self.stopped.is_set():
+            try:
+                conn, peer = self.server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                try:
+                    while len(data) < 65536 and (chunk := conn.recv(65536)):
+                        data += chunk
+                except OSError:
+                    pass
+            with self.lock:
+                self.connections.append((peer, data))
+
+    def received(self) -> list[tuple[tuple[str, int], bytes]]:
+        with self.lock:
+            return list(self.connections)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.server.close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def haproxy_to_capture(tmp_path: Path) -> Iterator[Callable[[str], tuple[int, Capture]]]:
+    """Factory: a Debian haproxy whose one server line (``server s1 CAPTURE <options>``) points at a
+    Capture; returns haproxy's listening port and the Capture. Killed by PID at the end."""
+    executable = require_tool("haproxy")
+    procs: list[subprocess.Popen[bytes]] = []
+    captures: list[Capture] = []
+
+    def start(server_options: str) -> tuple[int, Capture]:
+        capture = Capture()
+        captures.append(capture)
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            port = listener.getsockname()[1]
+            config = tmp_path / "haproxy.cfg"
+            config.write_text(
+                "global\n    log stderr format raw local0 info\n"
+                "defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 5s\n    timeout server 5s\n"
+                f"frontend f\n    bind fd@{listener.fileno()}\n"
+                "    unique-id-format %{+X}o%ci:%cp_%fi:%fp_%Ts_%rt\n    default_backend b\n"
+                f"backend b\n    server s1 127.0.0.1:{capture.port} {server_options}\n"
+            )
+            with open(tmp_path / "haproxy.log", "wb") as log:
+                procs.append(subprocess.Popen([executable, "-db", "-f", str(config)], pass_fds=(listener.fileno(),),
+                                              stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT))
+        return port, capture
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    for capture in captures:
+        capture.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "version"),
+    [
+        ("send-proxy", 1),
+        ("send-proxy-v2", 2),
+        ("send-proxy-v2 proxy-v2-options crc32c,unique-id", 2),
+    ],
+)
+def test_headers_from_a_real_haproxy_give_the_client_and_its_first_data(
+    haproxy_to_capture: Callable[[str], tuple[int, Capture]], options: str, version: int
+) -> None:
+    port, capture = haproxy_to_capture(options)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        client.sendall(b"hello\r\n")
+        client.shutdown(socket.SHUT_WR)
+        client_port = client.getsockname()[1]
+        assert recv_all(client) == b""
+    [(_, data)] = wait_until(capture.received)  # type: ignore[misc]
+    header, rest = outcome_of_every_split(data, "any")  # type: ignore[misc]
+    assert rest == b"hello\r\n"
+    assert (header.version, header.command, header.family) == (version, Command.PROXY, Family.TCP4)
+    assert header.client == (ipaddress.IPv4Address("127.0.0.1"), client_port)
+    assert (header.destination, header.destination_port) == (ipaddress.IPv4Address("127.0.0.1"), port)
+    if "crc32c" in options:
+        assert header.crc32c_verified
+        assert 0x05 in header.tlv_types  # UNIQUE_ID, skipped
+
+
+def test_real_haproxy_v2_health_check_is_local(haproxy_to_capture: Callable[[str], tuple[int, Capture]]) -> None:
+    _, capture = haproxy_to_capture("send-proxy-v2 check check-send-proxy inter 200ms")
+    [(_, data)] = wait_until(lambda: capture.received()[:1])  # type: ignore[misc]
+    assert outcome_of_every_split(data, "any") == (
+        ProxyHeader(version=2, command=Command.LOCAL, family=Family.UNSPEC, header_bytes=16),
+        b"",
+    )
+
+
+def test_real_haproxy_v1_health_check_names_haproxy_itself(haproxy_to_capture: Callable[[str], tuple[int, Capture]]) -> None:
+    """HAProxy 2.6 does not send UNKNOWN for a v1 check: it sends PROXY with its own endpoints,
+    as the spec recommends, so the "client" is the proxy's own connection."""
+    _, capture = haproxy_to_capture("send-proxy check check-send-proxy inter 200ms")
+    [(peer, data)] = wait_until(lambda: capture.received()[:1])  # type: ignore[misc]
+    header, rest = outcome_of_every_split(data, "any")  # type: ignore[misc]
+    assert rest == b""
+    assert header.command is Command.PROXY
+    assert header.client == (ipaddress.IPv4Address(peer[0]), peer[1])
+    assert header.destination_port == capture.port
