@@ -109,10 +109,15 @@ def outcome_of_every_split(data: bytes, mode: str = "any") -> Outcome:
     return whole
 
 
-def parsed(data: bytes, mode: str = "any") -> ProxyHeader:
-    outcome = outcome_of_every_split(data + b"first line\r\n", mode)
+def header_and_rest(data: bytes, mode: str = "any") -> tuple[ProxyHeader, bytes]:
+    """The header every split of *data* gives, and the bytes after it (a refusal fails the test)."""
+    outcome = outcome_of_every_split(data, mode)
     assert not isinstance(outcome, str), outcome
-    header, rest = outcome
+    return outcome
+
+
+def parsed(data: bytes, mode: str = "any") -> ProxyHeader:
+    header, rest = header_and_rest(data + b"first line\r\n", mode)
     assert rest == b"first line\r\n"  # the client's first data, whatever the split: nothing lost
     assert header.header_bytes == len(data)
     return header
@@ -625,6 +630,12 @@ class Capture:
         self.thread.join(timeout=5)
 
 
+def first_connections(capture: Capture, count: int) -> list[tuple[tuple[str, int], bytes]]:
+    """The first *count* connections the capture saw closed, waiting for them with a deadline."""
+    wait_until(lambda: len(capture.received()) >= count, timeout=15)
+    return capture.received()[:count]
+
+
 @pytest.fixture
 def haproxy_to_capture(tmp_path: Path) -> Iterator[Callable[[str], tuple[int, Capture]]]:
     """Factory: a Debian haproxy whose one server line (``server s1 CAPTURE <options>``) points at a
@@ -677,8 +688,8 @@ def test_headers_from_a_real_haproxy_give_the_client_and_its_first_data(
         client.shutdown(socket.SHUT_WR)
         client_port = client.getsockname()[1]
         assert recv_all(client) == b""
-    [(_, data)] = wait_until(capture.received)  # type: ignore[misc]
-    header, rest = outcome_of_every_split(data, "any")  # type: ignore[misc]
+    [(_, data)] = first_connections(capture, 1)
+    header, rest = header_and_rest(data)
     assert rest == b"hello\r\n"
     assert (header.version, header.command, header.family) == (version, Command.PROXY, Family.TCP4)
     assert header.client == (ipaddress.IPv4Address("127.0.0.1"), client_port)
@@ -690,7 +701,7 @@ def test_headers_from_a_real_haproxy_give_the_client_and_its_first_data(
 
 def test_real_haproxy_v2_health_check_is_local(haproxy_to_capture: Callable[[str], tuple[int, Capture]]) -> None:
     _, capture = haproxy_to_capture("send-proxy-v2 check check-send-proxy inter 200ms")
-    [(_, data)] = wait_until(lambda: capture.received()[:1])  # type: ignore[misc]
+    [(_, data)] = first_connections(capture, 1)
     assert outcome_of_every_split(data, "any") == (
         ProxyHeader(version=2, command=Command.LOCAL, family=Family.UNSPEC, header_bytes=16),
         b"",
@@ -701,8 +712,8 @@ def test_real_haproxy_v1_health_check_names_haproxy_itself(haproxy_to_capture: C
     """HAProxy 2.6 does not send UNKNOWN for a v1 check: it sends PROXY with its own endpoints,
     as the spec recommends, so the "client" is the proxy's own connection."""
     _, capture = haproxy_to_capture("send-proxy check check-send-proxy inter 200ms")
-    [(peer, data)] = wait_until(lambda: capture.received()[:1])  # type: ignore[misc]
-    header, rest = outcome_of_every_split(data, "any")  # type: ignore[misc]
+    [(peer, data)] = first_connections(capture, 1)
+    header, rest = header_and_rest(data)
     assert rest == b""
     assert header.command is Command.PROXY
     assert header.client == (ipaddress.IPv4Address(peer[0]), peer[1])

@@ -13,8 +13,8 @@ Bounds (memory and work are fixed before anything is believed):
   ``PROXY UNKNOWN`` with two full IPv6 addresses); no CRLF by then is an error.
 - v2: 16 bytes, then the length they declare, capped at ``V2_MAX_LENGTH_BYTES``
   (4 KiB). A larger length is refused as soon as the 16 bytes are in, before
-  any of it is read. Real senders stay far below: AWS NLB's header with its
-  VPC endpoint TLV is under 100 bytes, haproxy's with all its SSL TLVs a few
+  any of it is read. Real senders stay far below: an IPv4 header with an AWS
+  VPC endpoint TLV is about 55 bytes, haproxy's with all its SSL TLVs a few
   hundred.
 - Each ``feed`` holds at most the header so far plus that one read; checking the
   signature, version, command and length happens byte by byte as they arrive, so
@@ -37,15 +37,23 @@ AUTHORITY (UTF-8, no control characters), ALPN (bytes), the AWS VPC endpoint id
 (type 0xEA, subtype 0x01, ``[A-Za-z0-9-]``), CRC32C (verified; a mismatch is an
 error); the others are skipped. TLVs must tile the rest of the header exactly.
 
-Why not a library: the one maintained PROXY parser on PyPI, ``proxy-protocol``
-(0.11, alpha, asyncio-first), reads a v1 line with no length bound and a v2
-block of any declared length (up to 64 KiB) before judging it, checks the
-command only after reading the whole block, accepts ports like ``+80`` or
-`` 80`` and IPv6 scope ids (``int()`` and ``ipaddress`` as they are), returns
-no count of the bytes after the header (it expects to read exactly, which a
-blocking ``recv`` cannot promise), and skips the CRC32C check unless a C
-extension is installed. The bounds above are the point of this module, so it
-is written here (about 300 lines, tested against that library as a builder).
+Why not a library: PyPI's one maintained PROXY implementation, ``proxy-protocol``
+(0.11.3, 2024, "alpha", built around asyncio streams), parses a header only
+when handed exactly its bytes. Its v1 waits for a line with no bound of its own;
+its v2 reads whatever length the header declares (up to 64 KiB) before it
+checks the command; bytes after the header are taken as part of it (v2: as
+TLVs; v1: ``int(b"2\r\nhello")`` fails), so a blocking reader whose first
+``recv`` also holds the client's first line cannot use it. v1 ports go through
+``int()`` (``+80``, ``080``, ``1_0`` pass) and IPv6 through ``ipaddress``
+(``fe80::1%eth0`` passes), and the CRC32C check passes silently unless an
+optional C extension is installed. Bounds and strictness are this module's
+point, so it is written here (checked in tests/test_proxyproto.py); that
+library serves the tests as an independent header builder.
+
+v1 health checks: HAProxy's ``check-send-proxy`` on a v1 server sends
+``PROXY TCP4 <its own address> <ours>``, not ``UNKNOWN`` (the spec recommends
+that), so only v2 checks arrive as LOCAL; a v1 check's "client" equals the
+connection's own peer address.
 """
 
 from __future__ import annotations
