@@ -42,7 +42,7 @@ Why not a library: PyPI's one maintained PROXY implementation, ``proxy-protocol`
 when handed exactly its bytes. Its v1 waits for a line with no bound of its own;
 its v2 reads whatever length the header declares (up to 64 KiB) before it
 checks the command; bytes after the header are taken as part of it (v2: as
-TLVs; v1: ``int(b"2\r\nhello")`` fails), so a blocking reader whose first
+TLVs; v1: ``int(b"2\\r\\nhello")`` fails), so a blocking reader whose first
 ``recv`` also holds the client's first line cannot use it. v1 ports go through
 ``int()`` (``+80``, ``080``, ``1_0`` pass) and IPv6 through ``ipaddress``
 (``fe80::1%eth0`` passes), and the CRC32C check passes silently unless an
