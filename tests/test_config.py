@@ -21,6 +21,7 @@ from tsecho.config import (
     DEFAULT_CONFIG_PATH,
     KEYS,
     KEYS_BY_NAME,
+    LISTENER_KEYS,
     Key,
     SECTIONS,
     Config,
@@ -78,7 +79,7 @@ def test_no_file_and_empty_environment_give_defaults() -> None:
 
 
 def test_keys_registry_covers_every_config_field_once() -> None:
-    assert [key.name for key in KEYS] == list(Config.__dataclass_fields__)
+    assert [key.name for key in KEYS] == [name for name in Config.__dataclass_fields__ if name != "listeners"]
     assert {key.section for key in KEYS} == set(SECTIONS)
     for key in KEYS:
         assert key.default == getattr(Config(), key.name)
@@ -94,13 +95,20 @@ def test_shipped_config_file_mentions_every_key_in_its_section() -> None:
     text = SHIPPED.read_text(encoding="utf-8")
     section = None
     seen: dict[str, str] = {}
+    listener_keys: list[str] = []
     for line in text.splitlines():
         if m := re.fullmatch(r"\[(\w+)\]", line):
             section = m.group(1)
+        elif re.fullmatch(r"#? ?\[\[listener\]\]", line):
+            section = "[[listener]]"
         elif m := re.match(r"#? ?(\w+) = ", line):
             assert section is not None
-            seen[m.group(1)] = section
+            if section == "[[listener]]":
+                listener_keys.append(m.group(1))
+            else:
+                seen[m.group(1)] = section
     assert seen == {key.name: key.section for key in KEYS}
+    assert listener_keys == [key.name for key in LISTENER_KEYS]
 
 
 def test_shipped_config_file_has_a_comment_before_every_key() -> None:
@@ -119,6 +127,8 @@ def _docs_rows() -> dict[str, list[str]]:
     for line in DOCS.read_text(encoding="utf-8").splitlines():
         if m := re.fullmatch(r"### \[(\w+)\]", line):
             section = m.group(1)
+        elif line == "### [[listener]]":
+            section = None  # _listener_docs_rows
         elif line.startswith("| `") and section is not None:
             cells = [c.strip() for c in line.strip("|").split("|")]
             rows[cells[0].strip("`")] = [section, *cells[1:]]
@@ -137,7 +147,8 @@ def test_docs_document_every_key_with_section_default_env_and_flag(key: Key) -> 
     elif key.name == "listen":
         assert default == '`["127.0.0.1:8009", "[::1]:8009"]`'
     else:
-        assert tomllib.loads(f"v = {default.strip('`')}")["v"] == key.default
+        expected = list(key.default) if isinstance(key.default, tuple) else key.default
+        assert tomllib.loads(f"v = {default.strip('`')}")["v"] == expected
     assert env.startswith(f"`{key.env}`")
     if key.flag_name:
         assert flag.startswith(f"`{key.flag_name}`")
@@ -147,6 +158,28 @@ def test_docs_document_every_key_with_section_default_env_and_flag(key: Key) -> 
 
 def test_docs_list_exactly_the_keys() -> None:
     assert set(_docs_rows()) == set(KEYS_BY_NAME)
+
+
+def _listener_docs_rows() -> dict[str, list[str]]:
+    text = DOCS.read_text(encoding="utf-8").split("### [[listener]]", 1)[1].split("\n#", 1)[0]
+    return {cells[0].strip("`"): cells[1:] for line in text.splitlines() if line.startswith("| `")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+
+
+def test_docs_document_every_listener_key_with_default_and_reload() -> None:
+    rows = _listener_docs_rows()
+    assert list(rows) == [key.name for key in LISTENER_KEYS]
+    for key in LISTENER_KEYS:
+        type_, default, allowed, reload = rows[key.name]
+        assert type_ and allowed
+        if key.required:
+            assert default == "required"
+        elif key.default is None:
+            assert default == "not set"
+        else:
+            expected = list(key.default) if isinstance(key.default, tuple) else key.default
+            assert tomllib.loads(f"v = {default.strip('`')}")["v"] == expected, key.name
+        assert reload == ("reloads" if key.reloadable else "restart"), key.name
 
 
 def test_flags_are_the_documented_set() -> None:
@@ -251,20 +284,20 @@ FILE_ERRORS = [
     ("[echo]\nidle_timeout = 5\n",
      "unknown key 'idle_timeout' in [echo] (did you mean 'idle_timeout_s' in [server]?)"),
     ("[server]\nzzz = 5\n",
-     "unknown key 'zzz' in [server] (keys in [server]: listen, backlog, idle_timeout_s, shutdown_timeout_s, workers)"),
+     "unknown key 'zzz' in [server] (keys in [server]: listen, backlog, idle_timeout_s, shutdown_timeout_s, workers, proxy_header_timeout_s)"),
     ("[echo]\nbacklog = 5\n", "key 'backlog' belongs in [server], not in [echo]"),
     ("[daemon]\nlog_level = \"info\"\n", "key 'log_level' belongs in [log], not in [daemon]"),
     ("backlog = 5\n", "key 'backlog' must be in a section: put it under [server]"),
     ("backlogg = 5\n", "unknown key 'backlogg' outside any section (did you mean 'backlog' in [server]?)"),
     ("zzz = 5\n",
-     "unknown key 'zzz' outside any section (keys go in a section: [server], [echo], [log], [limits], [daemon])"),
+     "unknown key 'zzz' outside any section (keys go in a section: [server], [echo], [log], [limits], [access], [daemon])"),
     ("[sever]\nbacklog = 5\n", "unknown section [sever] (did you mean [server]?)"),
-    ("[tls]\n", "unknown section [tls] (sections: [server], [echo], [log], [limits], [daemon])"),
+    ("[tls]\n", "unknown section [tls] (sections: [server], [echo], [log], [limits], [access], [daemon])"),
     ("[backlog]\n", "unknown section [backlog] ('backlog' is a key in [server])"),
     ("server = 1\n", "'server' must be a section ([server]), not an integer"),
     ("[[server]]\nbacklog = 5\n", "'server' must be a section ([server]), not an array"),
     ("[server.tls]\ncert = 1\n",
-     "unknown key 'tls' in [server] (keys in [server]: listen, backlog, idle_timeout_s, shutdown_timeout_s, workers)"),
+     "unknown key 'tls' in [server] (keys in [server]: listen, backlog, idle_timeout_s, shutdown_timeout_s, workers, proxy_header_timeout_s)"),
     # syntax
     ("[server]\nbacklog = \n", "invalid TOML: Invalid value (at line 2, column 11)"),
     ("[server\n", "invalid TOML: Expected ']' at the end of a table declaration (at line 1, column 8)"),
@@ -547,6 +580,10 @@ SAMPLES: dict[str, tuple[str, str, object, object]] = {
     "max_connections_per_ip": ("7", "8", 7, 8),
     "line_timeout_s": ("9", "10.5", 9.0, 10.5),
     "send_timeout_s": ("11", "12", 11.0, 12.0),
+    "proxy_header_timeout_s": ("1", "2.5", 1.0, 2.5),
+    "connection_rate_per_ip": ("0.5", "20", 0.5, 20.0),
+    "connection_burst_per_ip": ("3", "4", 3, 4),
+    "rules": ('["deny 10.0.0.0/8"]', "allow ::1, deny all", ("deny 10.0.0.0/8",), ("allow ::1", "deny all")),
     "pid_file": ('"/f/t.pid"', "/e/t.pid", Path("/f/t.pid"), Path("/e/t.pid")),
     "user": ('"alice"', "bob", "alice", "bob"),
     "group": ('"staff"', "wheel", "staff", "wheel"),
@@ -678,11 +715,12 @@ def test_check_config_output_is_toml_with_a_source_comment_on_every_key(tmp_path
     text = format_config(config, sources)
     assert tomllib.loads(text) == {
         "server": {"listen": ["127.0.0.1:8009", "[::1]:8009"], "backlog": 5, "idle_timeout_s": 300.0,
-                   "shutdown_timeout_s": 10.0, "workers": 1},
+                   "shutdown_timeout_s": 10.0, "workers": 1, "proxy_header_timeout_s": 5.0},
         "echo": {"timestamp": "ctime", "utc": True, "telnet": True, "max_line_bytes": 65536},
         "log": {"log_target": "stderr", "log_format": "text", "log_level": "debug"},
         "limits": {"max_connections": 1024, "max_connections_per_ip": 64, "line_timeout_s": 120.0,
-                   "send_timeout_s": 30.0},
+                   "send_timeout_s": 30.0, "connection_rate_per_ip": 0.0, "connection_burst_per_ip": 10},
+        "access": {"rules": []},
         "daemon": {},
     }
     lines = text.splitlines()

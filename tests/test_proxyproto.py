@@ -18,7 +18,7 @@ from unittest import mock
 import crc32c as crc32c_oracle
 import proxyprotocol.tlv
 import pytest
-from conftest import recv_all, require_tool, wait_until
+from helpers import recv_all, require_tool, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from proxyprotocol.result import (
