@@ -125,7 +125,7 @@ def test_header_dripped_under_the_deadline_is_served_and_a_late_one_times_out(ts
         [reply] = recv_lines(sock, 1)
         assert reply.endswith(b"] dripped")
         proxy_port = port_of(sock)
-    d.wait_for_log(rf"192\.0\.2\.7:5555 closed reason=eof \S+ lines=1 bytes_in=50 \S+ via=127\.0\.0\.1:{proxy_port}\n")
+    d.wait_for_log(rf"192\.0\.2\.7:5555 closed reason=eof \S+ lines=1 bytes_in=8 \S+ via=127\.0\.0\.1:{proxy_port}\n")
 
     with connect_from(address(d, 1)) as sock:
         sock.sendall(b"PROXY TCP4 ")

@@ -147,6 +147,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
             conn.detail = err.reason
             raise _Closed("proxy-invalid") from None
         header, self._early = found
+        conn.bytes_in = len(self._early)  # the header is the proxy's; bytes_in counts the client's
         for field in ("authority", "aws_vpce_id"):
             if (value := getattr(header, field)) is not None:
                 conn.tlvs[field] = value
