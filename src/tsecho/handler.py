@@ -26,7 +26,8 @@ from typing import Any, Final
 
 from .protocol import (ERR_BUSY, ERR_TOO_MANY_FROM_IP, LineDecoder, LineTooLong, TelnetFilter, count_lines,
                        err_line_too_long, format_replies)
-from .proxyproto import ProxyHeader, ProxyHeaderError, ProxyHeaderParser
+from .proxyproto import (V1_MAX_BYTES, V2_HEADER_BYTES, V2_MAX_LENGTH_BYTES, ProxyHeader, ProxyHeaderError,
+                         ProxyHeaderParser)
 from .state import Connection, ServerState
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ _POLLIN: Final = select.POLLIN | select.POLLPRI
 _POLLOUT: Final = select.POLLOUT
 _POLLERR: Final = select.POLLERR | select.POLLHUP | select.POLLNVAL
 _PEER_GONE: Final = frozenset((errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ECONNABORTED, errno.ENOTCONN))
+# How much of a PROXY header to peek at: the longest header each mode allows.
+_PEEK_BYTES: Final = {"v1": V1_MAX_BYTES, "v2": V2_HEADER_BYTES + V2_MAX_LENGTH_BYTES,
+                      "any": V2_HEADER_BYTES + V2_MAX_LENGTH_BYTES}
 # What a refused peer reads before we close, by refusal reason (state.REFUSAL_REASONS).
 # A denied peer is told nothing: a scanner learns no more than from a closed port.
 REFUSAL_LINES: Final = {"busy": ERR_BUSY, "per-address": ERR_TOO_MANY_FROM_IP, "rate": ERR_TOO_MANY_FROM_IP,
@@ -130,6 +134,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
         recv = self.request.recv
         found: tuple[ProxyHeader, bytes] | None = None
         try:
+            found = self._peek_proxy_header(mode, deadline)
             while found is None:
                 self._wait_readable(deadline, "proxy-timeout")
                 try:
@@ -165,6 +170,36 @@ class EchoHandler(socketserver.BaseRequestHandler):
                 self._send(line)
                 self._linger(time.monotonic() + LINGER_S)
             raise _Closed("eof")
+
+    def _peek_proxy_header(self, mode: str, deadline: float) -> tuple[ProxyHeader, bytes] | None:
+        """The usual case in two system calls: the whole header in the first segment.
+
+        Peeks at what has arrived; if it holds a complete header, takes exactly
+        the header's bytes off the socket (what follows stays there for the line
+        loop, or a TLS handshake). None: not complete yet, nothing taken; the
+        caller reads it piece by piece. A peer that closed at once, or bytes that
+        cannot start a header, end the connection here.
+        """
+        self._wait_readable(deadline, "proxy-timeout")
+        try:
+            data = self.request.recv(_PEEK_BYTES[mode], socket.MSG_PEEK)
+        except BlockingIOError:
+            return None
+        if not data:  # connected and closed: a health check
+            self.conn.quiet = True
+            raise _Closed("eof")
+        try:
+            found = ProxyHeaderParser(mode).feed(data)
+        except ProxyHeaderError:
+            return None  # the caller reads the same bytes for real and meets the same error
+        if found is None:
+            return None
+        header, _ = found
+        taken = 0
+        while taken < header.header_bytes:  # peeked bytes are there: this takes them at once
+            taken += len(self.request.recv(header.header_bytes - taken))
+        self.conn.bytes_in += taken
+        return header, b""
 
     def _wait_readable(self, deadline: float, reason: str) -> None:
         """Wait until the peer sent something; ``_Closed(reason)`` at *deadline*, "shutdown" on a stop."""
