@@ -338,15 +338,15 @@ def test_access_log_shows_the_real_client_and_health_checks_stay_out_of_it(tsech
             lines[match.group(1)] = match
     assert sorted(lines) == sorted(clients)  # round robin: two each; each client under its own address
     for client, match in lines.items():  # haproxy's log has the same client and the same backend side
-        proxy.wait_for_log(rf"{re.escape(client)} \[[^]]+\] tsecho tsechod_pool/tsechod[12] .* "
-                           rf"via={re.escape(match.group(2))}\n")
+        seen = proxy.wait_for_log(rf"{re.escape(client)} \[[^]]+\] tsecho tsechod_pool/tsechod[12] .* "
+                                  rf"via={re.escape(match.group(2))}\n")
     wait_until(lambda: all(s["check_status"] == "L7OK" for s in proxy.server_stats("tsechod_pool").values()),
                timeout=15)
     for daemon in (first, second):
         log = daemon.log_text()
         assert not re.search(r"127\.0\.0\.1:\d+ closed", log), log  # no health check, no proxy address
         assert "Traceback" not in log
-    print(next(iter(lines.values())).group(0).rstrip())  # a real access line, for the record
+    print(f"\nhaproxy: {seen.group(0).rstrip()}\ntsechod: {match.group(0).rstrip()}")  # for the record
     assert proxy.stop() == 0
 
 
