@@ -1027,3 +1027,88 @@ def test_a_config_can_come_from_a_pipe() -> None:
         assert load_config(Path(f"/dev/fd/{read_fd}"), {}).backlog == 3
     finally:
         os.close(read_fd)
+
+
+# --------------------------------------------------------------------------
+# [[listener]] tables: strict errors (file, table number, key), sources, check-config, reload
+
+LB = '[[listener]]\naddress = "0.0.0.0:8009"\nproxy_protocol = "v2"\nproxy_trusted = ["10.0.0.0/8"]\n'
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (LB + '\n[[listener]]\naddress = "127.0.0.1:1"\nproxy_protocol = "v3"\n',
+     '[[listener]] #2 proxy_protocol = "v3": must be one of off, v1, v2, any'),
+    ('[[listener]]\naddress = "127.0.0.1:1"\nproxy_trustd = ["10.0.0.0/8"]\n',
+     "[[listener]] #1: unknown key 'proxy_trustd' (did you mean 'proxy_trusted'?)"),
+    ('[[listener]]\nproxy_protocol = "v1"\n',
+     '[[listener]] #1: address is missing (e.g. address = "0.0.0.0:8009")'),
+    ('[[listener]]\naddress = "127.0.0.1"\n',
+     "[[listener]] #1 address = \"127.0.0.1\": invalid listen address '127.0.0.1': missing port "
+     "(expected host:port, e.g. 127.0.0.1:8009 or [::1]:8009)"),
+    ('[[listener]]\naddress = "127.0.0.1:1"\nproxy_protocol = "v1"\n',
+     '[[listener]] #1 proxy_protocol = "v1": needs proxy_trusted, the addresses of the proxies allowed to send '
+     'a header (e.g. proxy_trusted = ["10.0.0.0/8"])'),
+    ('[[listener]]\naddress = "127.0.0.1:1"\nproxy_trusted = ["10.0.0.1/8"]\n',
+     '[[listener]] #1 proxy_trusted = ["10.0.0.1/8"]: item 0 "10.0.0.1/8": 10.0.0.1/8 has host bits set; '
+     "did you mean 10.0.0.0/8?"),
+    ('[[listener]]\naddress = "127.0.0.1:1"\nproxy_untrusted = "allow"\n',
+     '[[listener]] #1 proxy_untrusted = "allow": must be one of refuse, direct'),
+    ('[[listener]]\naddress = "127.0.0.1:1"\nname = "my lb"\n',
+     "[[listener]] #1 name = \"my lb\": must be 1-255 characters A-Z a-z 0-9 . _ - "
+     "(it matches systemd's FileDescriptorName=)"),
+    (LB + '[[listener]]\naddress = "0.0.0.0:8009"\n',
+     '[[listener]] #2 address = "0.0.0.0:8009": already the address of [[listener]] #1'),
+    ('[[listener]]\naddress = "127.0.0.1:1"\nname = "a"\n[[listener]]\naddress = "127.0.0.1:2"\nname = "a"\n',
+     '[[listener]] #2 name = "a": already the name of [[listener]] #1'),
+    ('[server]\nlisten = ["127.0.0.1:1"]\n' + '[[listener]]\naddress = "127.0.0.1:1"\n',
+     '[[listener]] #1 address = "127.0.0.1:1": already in listen (file {path}); list each address once'),
+    ('[listener]\naddress = "127.0.0.1:1"\n', "[listener] must be written [[listener]] (one table per listener)"),
+    ('[access]\nrules = ["allow 10.0.0.0/8", "permit all"]\n',
+     '[access] rules = ["allow 10.0.0.0/8", "permit all"]: rules[1] = "permit all": unknown action "permit"; '
+     'a rule is "allow" or "deny", one space, then an address (192.0.2.7), a network (10.0.0.0/8, '
+     '2001:db8::/32) or "all"'),
+    ("[limits]\nconnection_rate_per_ip = -1\n",
+     "[limits] connection_rate_per_ip = -1: must be a number of connections per second >= 0 (0 = off; "
+     "at most 1000000)"),
+])
+def test_listener_and_access_errors_name_the_file_table_and_key(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {})
+    assert str(info.value) == f"config error: {path}: " + message.format(path=path)
+
+
+def test_listener_tables_replace_the_default_listen_and_keep_an_explicit_one(tmp_path: Path) -> None:
+    path = write(tmp_path, LB)
+    config, sources = load_config_with_sources(path, {})
+    assert config.listen == ()
+    [listener] = config.listeners
+    assert (str(listener.address), listener.proxy_protocol, listener.proxy_trusted, listener.proxy_untrusted) == (
+        "0.0.0.0:8009", "v2", ("10.0.0.0/8",), "refuse")
+    assert sources["listener #1 proxy_protocol"] == f"file {path}"
+    assert "listener #1 proxy_untrusted" not in sources  # default
+    config = load_config(path, {}, {"listen": ["127.0.0.1:1"]})
+    assert [(str(l.address), l.proxy_protocol) for l in config.listeners] == [
+        ("127.0.0.1:1", "off"), ("0.0.0.0:8009", "v2")]
+
+
+def test_check_config_shows_every_listener_with_sources_and_loads_back(tmp_path: Path) -> None:
+    path = write(tmp_path, LB + '\n[[listener]]\naddress = "[::1]:9"\nname = "plain"\n')
+    config, sources = load_config_with_sources(path, {})
+    text = format_config(config, sources)
+    assert "[[listener]]  # #1" in text and "[[listener]]  # #2" in text
+    assert f'proxy_protocol = "v2"  # file {path}' in text
+    assert 'proxy_untrusted = "refuse"  # default' in text
+    assert "# listen is not used: the [[listener]] tables below say where  # default" in text
+    again = write(tmp_path, text, "again.toml")
+    assert load_config(again, {}) == config
+
+
+def test_reload_takes_listener_proxy_settings_but_keeps_their_sockets(tmp_path: Path) -> None:
+    from tsecho.service import reload_config
+
+    running = load_config(write(tmp_path, LB), {})
+    changed = write(tmp_path, LB.replace('"v2"', '"any"'), "changed.toml")
+    assert reload_config(lambda: load_config(changed, {}), running).listeners[0].proxy_protocol == "any"
+    moved = write(tmp_path, LB.replace("0.0.0.0:8009", "0.0.0.0:8010"), "moved.toml")
+    assert reload_config(lambda: load_config(moved, {}), running).listeners == running.listeners

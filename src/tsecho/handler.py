@@ -26,8 +26,9 @@ from typing import Any, Final
 
 from .protocol import (ERR_BUSY, ERR_TOO_MANY_FROM_IP, LineDecoder, LineTooLong, TelnetFilter, count_lines,
                        err_line_too_long, format_replies)
-from .proxyproto import (V1_MAX_BYTES, V2_HEADER_BYTES, V2_MAX_LENGTH_BYTES, ProxyHeader, ProxyHeaderError,
-                         ProxyHeaderParser)
+from .access import normalize_address
+from .proxyproto import (V1_MAX_BYTES, V2_HEADER_BYTES, V2_MAX_LENGTH_BYTES, IPAddress, ProxyHeader,
+                         ProxyHeaderError, ProxyHeaderParser)
 from .state import Connection, ServerState
 
 logger = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
         if header.alpn is not None:
             conn.tlvs["alpn"] = header.alpn.decode("ascii", "backslashreplace")
         client = header.client
-        if client is None or (str(client[0]), client[1]) == self.client_address[:2]:
+        if client is None or self._names_the_proxy(client):
             # LOCAL, UNKNOWN, UNIX, unknown families, and haproxy's v1 check (it names itself).
             conn.quiet = True
             return
@@ -200,6 +201,17 @@ class EchoHandler(socketserver.BaseRequestHandler):
             taken += len(self.request.recv(header.header_bytes - taken))
         self.conn.bytes_in += taken
         return header, b""
+
+    def _names_the_proxy(self, client: tuple[IPAddress, int]) -> bool:
+        """Whether the header's client is the connection's own peer (a dual-stack socket's
+        ``::ffff:10.0.0.5`` is ``10.0.0.5``)."""
+        host, port = self.client_address[:2]
+        if client[1] != port:
+            return False
+        try:
+            return normalize_address(str(host).partition("%")[0]) == normalize_address(client[0])
+        except ValueError:
+            return False
 
     def _wait_readable(self, deadline: float, reason: str) -> None:
         """Wait until the peer sent something; ``_Closed(reason)`` at *deadline*, "shutdown" on a stop."""
