@@ -22,7 +22,7 @@ from typing import Final
 
 from . import __version__, systemd
 from .address import one_line
-from .config import KEYS, SECTIONS, Config, ConfigError, find_config_path, load_config, load_config_with_sources
+from .config import KEYS, KEYS_BY_NAME, SECTIONS, Config, ConfigError, find_config_path, load_config, load_config_with_sources
 from .daemonize import ParentOutcome, StartupReport, detach, refuse_under_systemd
 from .logsetup import configure_logging, log_fds, log_file_stream, stderr_is_journal
 from .pidfile import PidFile, StartupError
@@ -95,6 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     environ = os.environ
     overrides: Overrides = {field: value for field in OVERRIDE_FLAGS.values() if (value := getattr(args, field)) is not None}
+    # Relative paths are the operator's working directory's, now: --daemon changes it to /,
+    # and a reload parses these flags again.
+    overrides = {field: os.path.abspath(value) if KEYS_BY_NAME[field].type == "path" and isinstance(value, str)
+                 else value for field, value in overrides.items()}
     debug = environ.get("TSECHOD_DEBUG") == "1"
     try:
         if args.command == "check-config":

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shlex
+import stat
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -582,7 +583,13 @@ def _from_text(key: Key, text: str, where: str) -> object:
 def _read_file(path: Path) -> list[tuple[Key, object, str]]:
     """Parse the TOML file; return (key, raw value, where) in file order."""
     try:
-        with open(path, "rb") as file:
+        # O_NONBLOCK: opening a FIFO would otherwise wait for a writer, and a reload with it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as file:
+            kind = _not_regular(os.fstat(fd).st_mode)
+            if kind:
+                raise ConfigError(f"{path}: cannot read: not a regular file ({kind})")
+            os.set_blocking(fd, True)
             data = file.read(MAX_CONFIG_BYTES + 1)
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: cannot read: {_os_reason(err)}") from None
@@ -680,6 +687,17 @@ def _cut(text: str) -> str:
 def _shell(text: str) -> str:
     """An env/flag value as the operator would type it in a shell, cut if long."""
     return shlex.quote(_cut(text)) if text.isprintable() else repr(_cut(text))
+
+
+def _not_regular(mode: int) -> str:
+    """'' for a regular file, else what the file is instead ('a FIFO', 'a directory', ...)."""
+    if stat.S_ISREG(mode):
+        return ""
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a plain file"
 
 
 def _os_reason(err: BaseException) -> str:
