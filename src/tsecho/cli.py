@@ -161,10 +161,10 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
     block_signals()
     path = find_config_path(explicit, environ)
 
-    def load() -> Config:
-        return load_config(path, environ, overrides)
+    def reload() -> Config:
+        return load_config(path, environ, overrides, reloading=True)
 
-    config = load()
+    config = load_config(path, environ, overrides)
     if daemon and (reason := refuse_under_systemd(environ)):
         raise UsageError(reason)
     try:
@@ -206,8 +206,8 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
         reporter = SystemdReporter(watchdog_s=systemd.watchdog_interval_s(environ),
                                    on_ready=startup.ready if startup is not None else None)
         if config.workers > 1:
-            return Supervisor(config, [s.socket for s in servers], load, reporter).run()
-        return Service(servers, state, load, reporter).run_until_stopped()
+            return Supervisor(config, [s.socket for s in servers], reload, reporter).run()
+        return Service(servers, state, reload, reporter).run_until_stopped()
 
 
 def raise_fd_limit() -> None:

@@ -15,8 +15,10 @@ import difflib
 import math
 import os
 import re
+import select
 import shlex
 import stat
+import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -56,6 +58,8 @@ MAX_WORKERS: Final = 256
 MAX_TIMEOUT_S: Final = 31_536_000.0
 # A config file is a few KiB; anything bigger is the wrong file (or /dev/zero).
 MAX_CONFIG_BYTES: Final = 1024 * 1024
+# A config read from a pipe or a FIFO at startup (--config <(...)) must arrive within this.
+CONFIG_PIPE_WAIT_S: Final = 5.0
 _SHOWN_VALUE_CHARS: Final = 120  # longer values are cut in error messages
 
 
@@ -486,22 +490,28 @@ def load_config(
     path: Path | None,
     environ: Mapping[str, str],
     overrides: Mapping[str, str | Sequence[str]] | None = None,
+    *,
+    reloading: bool = False,
 ) -> Config:
     """Build the effective Config: defaults < TOML file *path* < *environ* < *overrides*.
 
     *path* None means no file.  *environ* is searched for ``TSECHOD_<KEY>``
     variables (an unknown ``TSECHOD_*`` name is an error).  *overrides* maps
     field names to the raw strings given as flags (``listen``: a list); a
-    None or empty value means "flag not given".  Raises ConfigError with a
-    one-line message for any problem.
+    None or empty value means "flag not given".  A pipe or device is read
+    with a deadline at startup, and a pipe is refused when *reloading* (it
+    can't be read twice, and must not stop the main loop).  Raises ConfigError
+    with a one-line message for any problem.
     """
-    return load_config_with_sources(path, environ, overrides)[0]
+    return load_config_with_sources(path, environ, overrides, reloading=reloading)[0]
 
 
 def load_config_with_sources(
     path: Path | None,
     environ: Mapping[str, str],
     overrides: Mapping[str, str | Sequence[str]] | None = None,
+    *,
+    reloading: bool = False,
 ) -> tuple[Config, dict[str, str]]:
     """Like load_config, and also say where each value came from.
 
@@ -513,7 +523,7 @@ def load_config_with_sources(
     wheres: dict[str, str] = {}
 
     if path is not None:
-        for key, raw, where in _read_file(path):
+        for key, raw, where in _read_file(path, reloading):
             value = _convert(key.from_toml, raw, where)
             if isinstance(value, Path) and not value.is_absolute():
                 value = path.parent.absolute() / value
@@ -580,19 +590,29 @@ def _from_text(key: Key, text: str, where: str) -> object:
     return value
 
 
-def _read_file(path: Path) -> list[tuple[Key, object, str]]:
+def _read_file(path: Path, reloading: bool = False) -> list[tuple[Key, object, str]]:
     """Parse the TOML file; return (key, raw value, where) in file order."""
     try:
-        # O_NONBLOCK: opening a FIFO would otherwise wait for a writer, and a reload with it.
+        # O_NONBLOCK: opening a FIFO would otherwise wait for a writer (and a reload with it).
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with open(fd, "rb") as file:
-            kind = _not_regular(os.fstat(fd).st_mode)
-            if kind:
-                raise ConfigError(f"{path}: cannot read: not a regular file ({kind})")
-            os.set_blocking(fd, True)
-            data = file.read(MAX_CONFIG_BYTES + 1)
+        with open(fd, "rb", buffering=0) as file:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISREG(mode):
+                os.set_blocking(fd, True)
+                data = file.read(MAX_CONFIG_BYTES + 1)
+            elif stat.S_ISDIR(mode):
+                raise ConfigError(f"{path}: cannot read: it is a directory")
+            elif reloading and (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+                # A pipe was read once at startup (--config <(...)); read again it would be empty,
+                # or wait for a writer with the main loop stopped.
+                raise ConfigError(f"{path}: cannot read it again on reload: not a regular file (a pipe or "
+                                  "FIFO); restart tsechod to read it, or use a regular file")
+            else:
+                data = _read_with_deadline(fd, CONFIG_PIPE_WAIT_S if not reloading else 0.5, stat.S_ISFIFO(mode))
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: cannot read: {_os_reason(err)}") from None
+    except TimeoutError as err:
+        raise ConfigError(f"{path}: cannot read: {err}") from None
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB: is it the right file?")
     try:
@@ -689,15 +709,35 @@ def _shell(text: str) -> str:
     return shlex.quote(_cut(text)) if text.isprintable() else repr(_cut(text))
 
 
-def _not_regular(mode: int) -> str:
-    """'' for a regular file, else what the file is instead ('a FIFO', 'a directory', ...)."""
-    if stat.S_ISREG(mode):
-        return ""
-    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return kind
-    return "not a plain file"
+def _read_with_deadline(fd: int, wait_s: float, fifo: bool) -> bytes:
+    """Read a pipe or device (non-blocking *fd*) to its end; TimeoutError if it takes over *wait_s*.
+
+    A FIFO that never had a writer reads as an immediate end of file on Linux;
+    that is waited out too, until a writer has come (and maybe gone: POLLHUP).
+    """
+    deadline = time.monotonic() + wait_s
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    chunks: list[bytes] = []
+    size = 0
+    writer_seen = False
+    while size <= MAX_CONFIG_BYTES:
+        try:
+            chunk: bytes | None = os.read(fd, 65536)
+        except BlockingIOError:
+            chunk = None
+        if chunk:
+            chunks.append(chunk)
+            size += len(chunk)
+            continue
+        if chunk == b"" and (chunks or writer_seen or not fifo):
+            break
+        left = deadline - time.monotonic()
+        events = poller.poll(left * 1000) if left > 0 else []
+        if not events:
+            raise TimeoutError(f"nothing more arrived within {wait_s:g} s (a FIFO with no writer?)")
+        writer_seen = writer_seen or bool(events[0][1] & select.POLLHUP)
+    return b"".join(chunks)
 
 
 def _os_reason(err: BaseException) -> str:
