@@ -41,6 +41,9 @@ SEND_HIGH_WATER_BYTES: Final = 256 * 1024
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
 EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+# A first argument spelled like one of these is a command, not a host: reach a
+# host called "ping" as ping:8009.
+SUBCOMMANDS: Final = ("ping", "check")
 
 
 # Where the server is: the daemon's own address type, so both print addresses alike.
@@ -493,6 +496,12 @@ def main(argv: list[str] | None = None) -> int:
     2 bad usage (argparse), 130 interrupted by Ctrl-C.
     ``TSECHO_DEBUG=1`` re-raises failures so the traceback shows.
     """
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments and arguments[0] in SUBCOMMANDS:
+        # Imported here: plain tsecho never pays for it, and probe.py builds on this module.
+        from .probe import COMMANDS
+
+        return COMMANDS[arguments[0]](arguments[1:])
     args = build_parser().parse_args(argv)
     address: Address = args.address
     timeout_s: float = args.timeout
