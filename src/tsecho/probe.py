@@ -55,6 +55,10 @@ class ProbeLost(Exception):
     """No usable reply to a probe; ``str()`` is the one-line reason."""
 
 
+class ProbeTimeout(ProbeLost):
+    """Nothing came back in time."""
+
+
 class NotEcho(ProbeLost):
     """The server answered, but not with a stamped echo of the probe."""
 
@@ -203,12 +207,12 @@ class Prober:
                               f"{_shown(bytes(self._buffer[:60]))}...")
             left_s = deadline - time.monotonic()
             if left_s <= 0:
-                raise ProbeLost(f"no reply from {self.address} within {timeout_s:g} s")
+                raise ProbeTimeout(f"no reply from {self.address} within {timeout_s:g} s")
             sock.settimeout(left_s)
             try:
                 data = sock.recv(65536)
             except TimeoutError:
-                raise ProbeLost(f"no reply from {self.address} within {timeout_s:g} s") from None
+                raise ProbeTimeout(f"no reply from {self.address} within {timeout_s:g} s") from None
             except OSError as err:
                 raise ProbeLost(f"connection to {self.address} lost: {_describe(err)}") from err
             received = self._timeline.now()
@@ -610,6 +614,10 @@ def check(args: argparse.Namespace) -> tuple[int, str]:
         for seq in range(1, CHECK_PROBES + 1):
             replies.append(prober.probe(str(seq), max(0.001, deadline - timeline.now())))
         probes = [read_reply(reply, args.stamp_format).probe for reply in replies]
+    except ProbeTimeout:
+        prober.close()  # the probes share the -t budget: name the budget, not what was left of it
+        return clockcheck.CRITICAL, clockcheck.status_line(
+            clockcheck.CRITICAL, f"no reply from {address} within {args.timeout:g} s")
     except ProbeLost as lost:
         prober.close()
         return clockcheck.CRITICAL, clockcheck.status_line(clockcheck.CRITICAL, str(lost))
