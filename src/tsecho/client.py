@@ -8,6 +8,9 @@ Owns the ``tsecho`` command line (:func:`main`) and its three ways to run:
 * stdin a terminal: an interactive ``>>> `` prompt with readline editing and
   history in ``~/.tsecho_history``.
 
+``tsecho ping`` and ``tsecho check`` (a first argument of exactly ``ping`` or
+``check``) are handed to ``probe.py``, imported only then.
+
 The pure parts, :func:`parse_address` and :class:`ReplyStream`, hold the
 rules and are tested without sockets; the I/O around them stays thin. Replies
 are bytes and go to ``stdout.buffer`` unchanged: nothing is decoded.
@@ -461,7 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
         "comes back as '[<timestamp>] line'. Interactive on a terminal; with stdin "
         "piped, sends every line and prints every reply.",
         epilog="examples: tsecho | tsecho -m hello | printf 'a\\nb\\n' | tsecho | "
-        "tsecho '[::1]:8009' | tsecho example.org:8009. See tsecho(1).",
+        "tsecho '[::1]:8009' | tsecho example.org:8009. Latency and clock offset: "
+        "tsecho ping [HOST[:PORT]] (see tsecho ping --help); as a monitoring plugin: tsecho check. "
+        "A host named ping or check needs its port (ping:8009). See tsecho(1).",
     )
     parser.add_argument(
         "address",

@@ -282,8 +282,8 @@ def pin_whole_seconds(prober: Prober, probes: list[Probe], timeline: Timeline, z
 # -- output ------------------------------------------------------------------------------------
 
 def format_offset(value_s: float, bound_s: float) -> str:
-    """``+2.500118 s ± 0.000051 s``: microseconds when the bound is under a millisecond."""
-    digits = 6 if bound_s < 1e-3 else 3
+    """``+2.500118 s ± 0.000051 s``: microseconds when the bound is under 10 ms, else milliseconds."""
+    digits = 6 if bound_s < 1e-2 else 3
     return f"{value_s:+.{digits}f} s ± {bound_s:.{digits}f} s"
 
 
