@@ -18,6 +18,7 @@ import re
 import select
 import shlex
 import stat
+import string
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Final, cast
 
 from .address import ListenAddress, one_line, parse_listen, shown
-from .protocol import TIMESTAMP_STYLES, make_stamper
+from .protocol import PREFIX_PLACEHOLDERS, TIMESTAMP_STYLES, make_stamper
 from .tomlwriter import toml_value
 
 __all__ = [
@@ -95,6 +96,7 @@ class Config:
     utc: bool = False
     telnet: bool = True
     max_line_bytes: int = 65536
+    prefix: str = "[{stamp}] "
     # [log]
     log_target: str = "stderr"
     log_file: Path | None = None
@@ -333,6 +335,33 @@ def _check_timestamp(value: object) -> object:
     return value
 
 
+PREFIX_MAX_CHARS: Final = 256
+_PREFIX_ALLOWED: Final = "a template with {stamp} once; also {host}, {instance}, {worker}; {{ and }} for braces"
+
+
+def _check_prefix(value: object) -> object:
+    """An ``[echo] prefix`` template: known placeholders only, {stamp} exactly once, one printable line."""
+    if not isinstance(value, str):
+        raise _wrong_type(f"must be {_PREFIX_ALLOWED}", value)
+    if not value.isprintable():
+        raise ValueError("must not contain control characters (a reply is one line)")
+    if len(value) > PREFIX_MAX_CHARS:
+        raise ValueError(f"must be at most {PREFIX_MAX_CHARS} characters, not {len(value)}")
+    allowed = ", ".join("{%s}" % name for name in PREFIX_PLACEHOLDERS)
+    try:
+        fields_ = [(name, conv, spec) for _, name, spec, conv in string.Formatter().parse(value) if name is not None]
+    except ValueError as err:
+        raise ValueError(f"{err} (write {{{{ or }}}} for a literal brace)") from None
+    for name, conv, spec in fields_:
+        if name not in PREFIX_PLACEHOLDERS:
+            raise ValueError(f"unknown placeholder {{{name}}}: allowed are {allowed}")
+        if conv or spec:
+            raise ValueError(f"placeholder {{{name}}} takes no conversion or format spec")
+    if [name for name, _, _ in fields_].count("stamp") != 1:
+        raise ValueError("must contain {stamp} exactly once (the timestamp is the reply's point)")
+    return value
+
+
 def _check_listen(value: object) -> object:
     reason = 'must be a list of "host:port" strings, e.g. ["127.0.0.1:8009", "[::1]:8009"]'
     if isinstance(value, str):
@@ -406,6 +435,8 @@ KEYS: Final[tuple[Key, ...]] = (
               allowed="true or false"),
     _make_key("max_line_bytes", "echo", "integer", _int_key(1, MAX_LINE_BYTES_LIMIT, " (16 MiB)"),
               "longest line accepted; a longer one gets ERR and the connection is closed"),
+    Key("prefix", "echo", "string", _PREFIX_ALLOWED,
+        "what goes before each echoed line; the default is today's '[<stamp>] '", _check_prefix, _check_prefix),
     # [log]
     _make_key("log_target", "log", "string", _choice_key(("stderr", "file", "syslog")),
               "where logs go: stderr, file (needs log_file) or syslog (/dev/log)", flag=True),
