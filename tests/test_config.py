@@ -572,6 +572,7 @@ SAMPLES: dict[str, tuple[str, str, object, object]] = {
     "utc": ("true", "no", True, False),
     "telnet": ("false", "yes", False, True),
     "max_line_bytes": ("100", "200", 100, 200),
+    "prefix": ('"{stamp} "', "<{stamp}> ", "{stamp} ", "<{stamp}> "),
     "log_target": ('"syslog"', "stderr", "syslog", "stderr"),
     "log_file": ('"/f/a.log"', "/e/b.log", Path("/f/a.log"), Path("/e/b.log")),
     "log_format": ('"json"', "text", "json", "text"),
@@ -716,7 +717,8 @@ def test_check_config_output_is_toml_with_a_source_comment_on_every_key(tmp_path
     assert tomllib.loads(text) == {
         "server": {"listen": ["127.0.0.1:8009", "[::1]:8009"], "backlog": 5, "idle_timeout_s": 300.0,
                    "shutdown_timeout_s": 10.0, "workers": 1, "proxy_header_timeout_s": 5.0},
-        "echo": {"timestamp": "ctime", "utc": True, "telnet": True, "max_line_bytes": 65536},
+        "echo": {"timestamp": "ctime", "utc": True, "telnet": True, "max_line_bytes": 65536,
+                 "prefix": "[{stamp}] "},
         "log": {"log_target": "stderr", "log_format": "text", "log_level": "debug"},
         "limits": {"max_connections": 1024, "max_connections_per_ip": 64, "line_timeout_s": 120.0,
                    "send_timeout_s": 30.0, "connection_rate_per_ip": 0.0, "connection_burst_per_ip": 10},

@@ -697,3 +697,15 @@ def test_daemon_mode_is_refused_under_systemd(environ: dict[str, str], refused: 
         )
     else:
         assert reason is None
+
+
+def test_a_hard_linked_pid_file_is_refused_and_its_twin_untouched(tmp_path: Path) -> None:
+    precious = tmp_path / "shadow"
+    precious.write_text("root:secret\n")
+    pid_path = tmp_path / "a.pid"
+    os.link(precious, pid_path)  # planted by someone who can write the pid file's directory
+    with pytest.raises(PidFileError) as info:
+        PidFile(pid_path).acquire()
+    assert str(info.value) == (f"refusing pid file {pid_path}: it has 2 hard links, so another file may be "
+                               "linked to it (remove it, or use --pid-file)")
+    assert precious.read_text() == "root:secret\n"

@@ -23,8 +23,8 @@ from typing import Final
 from . import __version__, systemd
 from .address import one_line
 from .access import AccessRules, normalize_address
-from .config import (KEYS, LISTENER_KEYS, LISTENER_TABLE, SECTIONS, Config, ConfigError, find_config_path,
-                     load_config, load_config_with_sources)
+from .config import (KEYS, KEYS_BY_NAME, LISTENER_KEYS, LISTENER_TABLE, SECTIONS, Config, ConfigError,
+                     find_config_path, load_config, load_config_with_sources)
 from .daemonize import ParentOutcome, StartupReport, detach, refuse_under_systemd
 from .logsetup import configure_logging, log_fds, log_file_stream, stderr_is_journal
 from .pidfile import PidFile, StartupError
@@ -104,6 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("check-access takes one ADDRESS (and only check-access takes one)")
     environ = os.environ
     overrides: Overrides = {field: value for field in OVERRIDE_FLAGS.values() if (value := getattr(args, field)) is not None}
+    # Relative paths are the operator's working directory's, now: --daemon changes it to /,
+    # and a reload parses these flags again.
+    overrides = {field: os.path.abspath(value) if KEYS_BY_NAME[field].type == "path" and isinstance(value, str)
+                 else value for field, value in overrides.items()}
     debug = environ.get("TSECHOD_DEBUG") == "1"
     try:
         if args.command == "check-config":
@@ -199,10 +203,10 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
     block_signals()
     path = find_config_path(explicit, environ)
 
-    def load() -> Config:
-        return load_config(path, environ, overrides)
+    def reload() -> Config:
+        return load_config(path, environ, overrides, reloading=True)
 
-    config = load()
+    config = load_config(path, environ, overrides)
     if daemon and (reason := refuse_under_systemd(environ)):
         raise UsageError(reason)
     try:
@@ -246,8 +250,8 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
         reporter = SystemdReporter(watchdog_s=systemd.watchdog_interval_s(environ),
                                    on_ready=startup.ready if startup is not None else None)
         if config.workers > 1:
-            return Supervisor(config, [(s.socket, s.listener_index) for s in servers], load, reporter).run()
-        return Service(servers, state, load, reporter).run_until_stopped()
+            return Supervisor(config, [(s.socket, s.listener_index) for s in servers], reload, reporter).run()
+        return Service(servers, state, reload, reporter).run_until_stopped()
 
 
 def raise_fd_limit() -> None:

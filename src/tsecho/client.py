@@ -8,6 +8,9 @@ Owns the ``tsecho`` command line (:func:`main`) and its three ways to run:
 * stdin a terminal: an interactive ``>>> `` prompt with readline editing and
   history in ``~/.tsecho_history``.
 
+``tsecho ping`` and ``tsecho check`` (a first argument of exactly ``ping`` or
+``check``) are handed to ``probe.py``, imported only then.
+
 The pure parts, :func:`parse_address` and :class:`ReplyStream`, hold the
 rules and are tested without sockets; the I/O around them stays thin. Replies
 are bytes and go to ``stdout.buffer`` unchanged: nothing is decoded.
@@ -41,6 +44,9 @@ SEND_HIGH_WATER_BYTES: Final = 256 * 1024
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
 EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+# A first argument spelled like one of these is a command, not a host: reach a
+# host called "ping" as ping:8009.
+SUBCOMMANDS: Final = ("ping", "check")
 
 
 # Where the server is: the daemon's own address type, so both print addresses alike.
@@ -458,7 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
         "comes back as '[<timestamp>] line'. Interactive on a terminal; with stdin "
         "piped, sends every line and prints every reply.",
         epilog="examples: tsecho | tsecho -m hello | printf 'a\\nb\\n' | tsecho | "
-        "tsecho '[::1]:8009' | tsecho example.org:8009. See tsecho(1).",
+        "tsecho '[::1]:8009' | tsecho example.org:8009. Latency and clock offset: "
+        "tsecho ping [HOST[:PORT]] (see tsecho ping --help); as a monitoring plugin: tsecho check. "
+        "A host named ping or check needs its port (ping:8009). See tsecho(1).",
     )
     parser.add_argument(
         "address",
@@ -493,6 +501,12 @@ def main(argv: list[str] | None = None) -> int:
     2 bad usage (argparse), 130 interrupted by Ctrl-C.
     ``TSECHO_DEBUG=1`` re-raises failures so the traceback shows.
     """
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments and arguments[0] in SUBCOMMANDS:
+        # Imported here: plain tsecho never pays for it, and probe.py builds on this module.
+        from .probe import COMMANDS
+
+        return COMMANDS[arguments[0]](arguments[1:])
     args = build_parser().parse_args(argv)
     address: Address = args.address
     timeout_s: float = args.timeout

@@ -15,7 +15,11 @@ import difflib
 import math
 import os
 import re
+import select
 import shlex
+import stat
+import string
+import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -24,7 +28,7 @@ from typing import Any, Final, cast
 
 from .access import AccessRuleError, AccessRules, parse_rule
 from .address import ListenAddress, one_line, parse_listen, shown
-from .protocol import TIMESTAMP_STYLES, make_stamper
+from .protocol import PREFIX_PLACEHOLDERS, TIMESTAMP_STYLES, make_stamper
 from .tomlwriter import toml_value
 
 __all__ = [
@@ -66,6 +70,8 @@ MAX_WORKERS: Final = 256
 MAX_TIMEOUT_S: Final = 31_536_000.0
 # A config file is a few KiB; anything bigger is the wrong file (or /dev/zero).
 MAX_CONFIG_BYTES: Final = 1024 * 1024
+# A config read from a pipe or a FIFO at startup (--config <(...)) must arrive within this.
+CONFIG_PIPE_WAIT_S: Final = 5.0
 _SHOWN_VALUE_CHARS: Final = 120  # longer values are cut in error messages
 
 
@@ -130,6 +136,7 @@ class Config:
     utc: bool = False
     telnet: bool = True
     max_line_bytes: int = 65536
+    prefix: str = "[{stamp}] "
     # [log]
     log_target: str = "stderr"
     log_file: Path | None = None
@@ -379,6 +386,33 @@ def _check_timestamp(value: object) -> object:
     return value
 
 
+PREFIX_MAX_CHARS: Final = 256
+_PREFIX_ALLOWED: Final = "a template with {stamp} once; also {host}, {instance}, {worker}; {{ and }} for braces"
+
+
+def _check_prefix(value: object) -> object:
+    """An ``[echo] prefix`` template: known placeholders only, {stamp} exactly once, one printable line."""
+    if not isinstance(value, str):
+        raise _wrong_type(f"must be {_PREFIX_ALLOWED}", value)
+    if not value.isprintable():
+        raise ValueError("must not contain control characters (a reply is one line)")
+    if len(value) > PREFIX_MAX_CHARS:
+        raise ValueError(f"must be at most {PREFIX_MAX_CHARS} characters, not {len(value)}")
+    allowed = ", ".join("{%s}" % name for name in PREFIX_PLACEHOLDERS)
+    try:
+        fields_ = [(name, conv, spec) for _, name, spec, conv in string.Formatter().parse(value) if name is not None]
+    except ValueError as err:
+        raise ValueError(f"{err} (write {{{{ or }}}} for a literal brace)") from None
+    for name, conv, spec in fields_:
+        if name not in PREFIX_PLACEHOLDERS:
+            raise ValueError(f"unknown placeholder {{{name}}}: allowed are {allowed}")
+        if conv or spec:
+            raise ValueError(f"placeholder {{{name}}} takes no conversion or format spec")
+    if [name for name, _, _ in fields_].count("stamp") != 1:
+        raise ValueError("must contain {stamp} exactly once (the timestamp is the reply's point)")
+    return value
+
+
 def _check_listen(value: object) -> object:
     reason = 'must be a list of "host:port" strings, e.g. ["127.0.0.1:8009", "[::1]:8009"]'
     if isinstance(value, str):
@@ -492,6 +526,8 @@ KEYS: Final[tuple[Key, ...]] = (
               allowed="true or false"),
     _make_key("max_line_bytes", "echo", "integer", _int_key(1, MAX_LINE_BYTES_LIMIT, " (16 MiB)"),
               "longest line accepted; a longer one gets ERR and the connection is closed"),
+    Key("prefix", "echo", "string", _PREFIX_ALLOWED,
+        "what goes before each echoed line; the default is today's '[<stamp>] '", _check_prefix, _check_prefix),
     # [log]
     _make_key("log_target", "log", "string", _choice_key(("stderr", "file", "syslog")),
               "where logs go: stderr, file (needs log_file) or syslog (/dev/log)", flag=True),
@@ -668,22 +704,28 @@ def load_config(
     path: Path | None,
     environ: Mapping[str, str],
     overrides: Mapping[str, str | Sequence[str]] | None = None,
+    *,
+    reloading: bool = False,
 ) -> Config:
     """Build the effective Config: defaults < TOML file *path* < *environ* < *overrides*.
 
     *path* None means no file.  *environ* is searched for ``TSECHOD_<KEY>``
     variables (an unknown ``TSECHOD_*`` name is an error).  *overrides* maps
     field names to the raw strings given as flags (``listen``: a list); a
-    None or empty value means "flag not given".  Raises ConfigError with a
-    one-line message for any problem.
+    None or empty value means "flag not given".  A pipe or device is read
+    with a deadline at startup, and a pipe is refused when *reloading* (it
+    can't be read twice, and must not stop the main loop).  Raises ConfigError
+    with a one-line message for any problem.
     """
-    return load_config_with_sources(path, environ, overrides)[0]
+    return load_config_with_sources(path, environ, overrides, reloading=reloading)[0]
 
 
 def load_config_with_sources(
     path: Path | None,
     environ: Mapping[str, str],
     overrides: Mapping[str, str | Sequence[str]] | None = None,
+    *,
+    reloading: bool = False,
 ) -> tuple[Config, dict[str, str]]:
     """Like load_config, and also say where each value came from.
 
@@ -696,7 +738,7 @@ def load_config_with_sources(
 
     tables: list[Listener] = []
     if path is not None:
-        found, tables, table_sources = _read_file(path)
+        found, tables, table_sources = _read_file(path, reloading)
         sources.update(table_sources)
         for key, raw, where in found:
             value = _convert(key.from_toml, raw, where)
@@ -774,13 +816,29 @@ def _from_text(key: Key, text: str, where: str) -> object:
     return value
 
 
-def _read_file(path: Path) -> tuple[list[tuple[Key, object, str]], list[Listener], dict[str, str]]:
+def _read_file(path: Path, reloading: bool = False) -> tuple[list[tuple[Key, object, str]], list[Listener], dict[str, str]]:
     """Parse the TOML file; return its (key, raw value, where) in file order, its listeners and their sources."""
     try:
-        with open(path, "rb") as file:
-            data = file.read(MAX_CONFIG_BYTES + 1)
+        # O_NONBLOCK: opening a FIFO would otherwise wait for a writer (and a reload with it).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb", buffering=0) as file:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISREG(mode):
+                os.set_blocking(fd, True)
+                data = file.read(MAX_CONFIG_BYTES + 1)
+            elif stat.S_ISDIR(mode):
+                raise ConfigError(f"{path}: cannot read: it is a directory")
+            elif reloading and (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+                # A pipe was read once at startup (--config <(...)); read again it would be empty,
+                # or wait for a writer with the main loop stopped.
+                raise ConfigError(f"{path}: cannot read it again on reload: not a regular file (a pipe or "
+                                  "FIFO); restart tsechod to read it, or use a regular file")
+            else:
+                data = _read_with_deadline(fd, CONFIG_PIPE_WAIT_S if not reloading else 0.5, stat.S_ISFIFO(mode))
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: cannot read: {_os_reason(err)}") from None
+    except TimeoutError as err:
+        raise ConfigError(f"{path}: cannot read: {err}") from None
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB: is it the right file?")
     try:
@@ -919,6 +977,37 @@ def _cut(text: str) -> str:
 def _shell(text: str) -> str:
     """An env/flag value as the operator would type it in a shell, cut if long."""
     return shlex.quote(_cut(text)) if text.isprintable() else repr(_cut(text))
+
+
+def _read_with_deadline(fd: int, wait_s: float, fifo: bool) -> bytes:
+    """Read a pipe or device (non-blocking *fd*) to its end; TimeoutError if it takes over *wait_s*.
+
+    A FIFO that never had a writer reads as an immediate end of file on Linux;
+    that is waited out too, until a writer has come (and maybe gone: POLLHUP).
+    """
+    deadline = time.monotonic() + wait_s
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    chunks: list[bytes] = []
+    size = 0
+    writer_seen = False
+    while size <= MAX_CONFIG_BYTES:
+        try:
+            chunk: bytes | None = os.read(fd, 65536)
+        except BlockingIOError:
+            chunk = None
+        if chunk:
+            chunks.append(chunk)
+            size += len(chunk)
+            continue
+        if chunk == b"" and (chunks or writer_seen or not fifo):
+            break
+        left = deadline - time.monotonic()
+        events = poller.poll(left * 1000) if left > 0 else []
+        if not events:
+            raise TimeoutError(f"nothing more arrived within {wait_s:g} s (a FIFO with no writer?)")
+        writer_seen = writer_seen or bool(events[0][1] & select.POLLHUP)
+    return b"".join(chunks)
 
 
 def _os_reason(err: BaseException) -> str:

@@ -292,7 +292,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
         if block:
             state = self.state
             self.conn.lines += count_lines(block)
-            self._send(format_replies(block, state.stamper(state.clock())) + tail)
+            self._send(format_replies(block, state.stamper(state.clock()), state.prefixer) + tail)
         elif tail:
             self._send(tail)
 

@@ -136,7 +136,7 @@ class EchoServer(socketserver.ThreadingTCPServer):
         else:
             self.address_family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
             self.request_queue_size = state.config.backlog
-            super().__init__((listen.host, listen.port), cast(Any, self.handler_class))
+            super().__init__(_socket_address(listen), cast(Any, self.handler_class))
         # Workers share this socket: all of them wake for one connection, one wins
         # the accept(), and a blocking accept() would hang the others.
         self.socket.setblocking(False)
@@ -148,8 +148,11 @@ class EchoServer(socketserver.ThreadingTCPServer):
 
     @property
     def address(self) -> str:
-        """The address actually bound, as 'host:port' ('[::1]:8009' for IPv6)."""
-        return peer_name(self.server_address)
+        """The address actually bound, as 'host:port' ('[::1]:8009', '[fe80::1%eth0]:8009' for IPv6)."""
+        address = cast(tuple[Any, ...], self.server_address)
+        if len(address) == 4 and address[3] and "%" not in address[0]:
+            address = (f"{address[0]}%{socket.if_indextoname(address[3])}", address[1])
+        return peer_name(address)
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
@@ -322,9 +325,19 @@ def _normal(address: ListenAddress) -> tuple[str, int]:
     return address.host, address.port
 
 
+def _socket_address(listen: ListenAddress) -> tuple[Any, ...]:
+    """What bind() takes: an IPv6 literal with a zone (fe80::1%eth0) needs the 4-tuple with its scope id."""
+    if "%" in listen.host:
+        return socket.getaddrinfo(listen.host, listen.port, socket.AF_INET6, socket.SOCK_STREAM)[0][4]
+    return (listen.host, listen.port)
+
+
 def _listen(address: ListenAddress, state: ServerState, threads: ReadyThreads, index: int | None = None) -> EchoServer:
     try:
         return EchoServer(address, state, threads, index)
+    except socket.gaierror as err:
+        raise ListenError(f"cannot listen on {address}: cannot resolve host {address.host!r}: "
+                          f"{err.strerror} (check the name, or give an IP address)") from err
     except OSError as err:
         reason = os.strerror(err.errno).lower() if err.errno else str(err)
         hint = ""

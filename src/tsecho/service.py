@@ -42,6 +42,8 @@ STATUS_EVERY_S: Final = 5.0
 ACCEPT_LOOP_STUCK_S: Final = 2.0
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 HANDLED_SIGNALS: Final = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR1)
+# A reload that sends this many settings back to their defaults at once is logged as a warning.
+RELOAD_RESETS_WARNING: Final = 3
 # A stop waits this much past shutdown_timeout_s for handlers to log their close.
 STOP_GRACE_S: Final = 1.0
 
@@ -76,6 +78,13 @@ def reload_config(load_config: Callable[[], Config], running: Config) -> Config:
     ConfigError when the new config is bad: the caller keeps *running*.
     """
     new = load_config()
+    reverted = [key.name for key in KEYS
+                if getattr(new, key.name) == key.default != getattr(running, key.name)]
+    if len(reverted) >= RELOAD_RESETS_WARNING:
+        # Applied all the same (a reload is how an operator goes back to a default), but this
+        # many at once is more often an empty or truncated file than a wish.
+        logger.warning("reload: %d settings went back to their defaults (%s): is the config file complete?",
+                       len(reverted), ", ".join(reverted))
     kept = {}
     for key in KEYS:
         if not key.reloadable and getattr(new, key.name) != getattr(running, key.name):

@@ -22,7 +22,8 @@ from typing import Final
 from .access import AccessRules, ConnectionRateLimiter, normalize_address
 from .address import peer_name
 from .config import Config, Listener
-from .protocol import Stamper, make_stamper
+from .protocol import DEFAULT_PREFIX, Prefixer, Stamper, make_prefixer, make_stamper
+from .systemd import unit_instance
 
 # Refusals are logged as one summary line at most this often.
 REFUSAL_SUMMARY_EVERY_S: Final = 10.0
@@ -113,9 +114,11 @@ class ServerState:
     afresh for every read, so a reload applies from the next line.
     """
 
-    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time, worker: int = 0) -> None:
         self.config = config
         self.stamper: Stamper = make_stamper(config.timestamp, config.utc)
+        self.worker = worker  # this process's index among the workers; 0 when workers = 1
+        self.prefixer = self._make_prefixer(config)
         self.rules = AccessRules.parse(config.rules)
         self.rate = ConnectionRateLimiter(config.connection_rate_per_ip, config.connection_burst_per_ip)
         self.trusted = _trusted(config.listeners)
@@ -147,10 +150,16 @@ class ServerState:
     def apply(self, config: Config) -> None:
         """Switch to *config* (after a reload); live connections use it from their next line."""
         self.stamper = make_stamper(config.timestamp, config.utc)
+        self.prefixer = self._make_prefixer(config)
         self.rules = AccessRules.parse(config.rules)
         self.rate.reconfigure(config.connection_rate_per_ip, config.connection_burst_per_ip)
         self.trusted = _trusted(config.listeners)
         self.config = config
+
+    def _make_prefixer(self, config: Config) -> Prefixer | None:
+        if config.prefix == DEFAULT_PREFIX:
+            return None  # today's format: nothing to look up, nothing to call per read
+        return make_prefixer(config.prefix, socket.gethostname(), unit_instance(), self.worker)
 
     # -- admission -------------------------------------------------------------------
 

@@ -287,7 +287,7 @@ class Supervisor(ProcessControl):
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.close(self._ready_r)
         _stop_with_parent(self._supervisor_pid)
-        state = ServerState(self.config)
+        state = ServerState(self.config, worker=index)
         threads = ReadyThreads()
         servers = [EchoServer(sock, state, threads, index) for sock, index in self.sockets]
         reporter = WorkerReporter(index, self._figures, self._ready_w)
