@@ -427,6 +427,7 @@ def log_access(conn: Connection) -> None:
         extra["via"] = conn.via
         tail += f" via={conn.via}"
     if conn.quiet:
+        extra["health_check"] = True
         tail += " health-check"
     if conn.detail is not None:
         extra["detail"] = conn.detail
