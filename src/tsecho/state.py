@@ -6,6 +6,9 @@ neither imports the other for it. Each admitted connection gets a
 ``Connection``: its own figures, written only by the thread that serves it.
 The counters live here, once: systemd's STATUS=, the logs and the supervisor's
 sums all read them through ``ServerState.figures()``, so they always agree.
+Admission lives here too: the limits, the access rules and the rate buckets
+(access.py) and each listener's proxy_trusted, checked by ``admit`` on a
+direct client at accept and by ``readmit`` on the client a PROXY header names.
 """
 
 from __future__ import annotations
