@@ -181,11 +181,15 @@ class EchoHandler(socketserver.BaseRequestHandler):
         caller reads it piece by piece. A peer that closed at once, or bytes that
         cannot start a header, end the connection here.
         """
-        self._wait_readable(deadline, "proxy-timeout")
-        try:
-            data = self.request.recv(_PEEK_BYTES[mode], socket.MSG_PEEK)
+        size = _PEEK_BYTES[mode]
+        try:  # the header is usually there by the time a thread runs: skip the poll() then
+            data = self.request.recv(size, socket.MSG_PEEK)
         except BlockingIOError:
-            return None
+            self._wait_readable(deadline, "proxy-timeout")
+            try:
+                data = self.request.recv(size, socket.MSG_PEEK)
+            except BlockingIOError:
+                return None
         if not data:  # connected and closed: a health check
             self.conn.quiet = True
             raise _Closed("eof")
