@@ -19,13 +19,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pexpect
 import pytest
 
-from conftest import STAMP, Daemon, wait_until
+from conftest import STAMP, Daemon, require_tool, wait_until
 from tlscerts import Certs, Leaf
 from tsecho import client
 from tsecho.tlsconfig import TLSSettings, handshake_error_detail, load_server_tls, session_info
@@ -111,7 +111,7 @@ def context_for(leaf: Leaf, client_ca: Path | None = None) -> ssl.SSLContext:
 
 
 @pytest.fixture
-def tls_echo() -> Iterator[type[TLSEcho]]:
+def tls_echo() -> Iterator[Callable[..., TLSEcho]]:
     """Factory: ``tls_echo(context)`` starts a TLSEcho in a thread; all are shut down after the test."""
     started: list[TLSEcho] = []
 
@@ -121,7 +121,7 @@ def tls_echo() -> Iterator[type[TLSEcho]]:
         started.append(server)
         return server
 
-    yield start  # type: ignore[misc]
+    yield start
     for server in started:
         server.shutdown()
         server.server_close()
@@ -141,7 +141,7 @@ def one_error_line(result: subprocess.CompletedProcess[bytes]) -> str:
 # -- the three modes ---------------------------------------------------------------------------
 
 
-def test_messages_over_tls_end_with_close_notify(tls_certs: Certs, tls_echo: type[TLSEcho]) -> None:
+def test_messages_over_tls_end_with_close_notify(tls_certs: Certs, tls_echo: Callable[..., TLSEcho]) -> None:
     server = tls_echo(context_for(tls_certs.good))
     result = run_client("--tls", "--ca", str(tls_certs.ca), server.target, "-m", "hello", "-m", "world")
     assert (result.returncode, result.stderr) == (0, b"")
@@ -149,7 +149,7 @@ def test_messages_over_tls_end_with_close_notify(tls_certs: Certs, tls_echo: typ
     wait_until(lambda: server.ends == ["close_notify"], timeout=5)
 
 
-def test_pipe_over_tls_answers_every_line_in_order(tls_certs: Certs, tls_echo: type[TLSEcho]) -> None:
+def test_pipe_over_tls_answers_every_line_in_order(tls_certs: Certs, tls_echo: Callable[..., TLSEcho]) -> None:
     server = tls_echo(context_for(tls_certs.good))
     lines = [b"line %d " % n + b"x" * (n % 97) for n in range(40_000)]  # about 2.3 MB: many TLS records each way
     started = time.monotonic()
@@ -161,7 +161,7 @@ def test_pipe_over_tls_answers_every_line_in_order(tls_certs: Certs, tls_echo: t
     wait_until(lambda: server.ends == ["close_notify"], timeout=5)
 
 
-def test_pipe_over_tls_survives_a_server_that_stops_reading(tls_certs: Certs, tls_echo: type[TLSEcho]) -> None:
+def test_pipe_over_tls_survives_a_server_that_stops_reading(tls_certs: Certs, tls_echo: Callable[..., TLSEcho]) -> None:
     """More input than both socket buffers hold: the client waits for room, reading replies meanwhile."""
     server = tls_echo(context_for(tls_certs.good), stall_s=0.5)
     lines = [b"%07d " % n + b"y" * 120 for n in range(50_000)]  # 6.4 MB > 4 MiB send buffer + 64 KiB window
@@ -174,7 +174,7 @@ def test_pipe_over_tls_survives_a_server_that_stops_reading(tls_certs: Certs, tl
     (1000, None, 0.0),  # reads smaller than a TLS record: decrypted bytes wait in the SSL object
     (64 * 1024, 8192, 0.3),  # a small send buffer and a stalled server: writes get SSLWantWrite
 ])
-def test_pipeline_handles_what_poll_cannot_see(tls_certs: Certs, tls_echo: type[TLSEcho],
+def test_pipeline_handles_what_poll_cannot_see(tls_certs: Certs, tls_echo: Callable[..., TLSEcho],
                                                monkeypatch: pytest.MonkeyPatch, chunk_bytes: int,
                                                sndbuf_bytes: int | None, stall_s: float) -> None:
     """The in-process tests: what the command line cannot set (read size, send buffer) is set here.
@@ -199,7 +199,7 @@ def test_pipeline_handles_what_poll_cannot_see(tls_certs: Certs, tls_echo: type[
     assert time.monotonic() - started < 2.5
 
 
-def test_empty_pipe_over_tls_closes_at_once(tls_certs: Certs, tls_echo: type[TLSEcho]) -> None:
+def test_empty_pipe_over_tls_closes_at_once(tls_certs: Certs, tls_echo: Callable[..., TLSEcho]) -> None:
     server = tls_echo(context_for(tls_certs.good))
     result = run_client("--tls", "--ca", str(tls_certs.ca), server.target, stdin=b"")
     assert (result.returncode, result.stdout, result.stderr) == (0, b"", b"")
@@ -207,7 +207,7 @@ def test_empty_pipe_over_tls_closes_at_once(tls_certs: Certs, tls_echo: type[TLS
 
 
 def test_server_that_ignores_close_notify_does_not_hold_the_client(tls_certs: Certs,
-                                                                   tls_echo: type[TLSEcho]) -> None:
+                                                                   tls_echo: Callable[..., TLSEcho]) -> None:
     server = tls_echo(context_for(tls_certs.good), answer_close_notify=False)
     started = time.monotonic()
     result = run_client("--tls", "--ca", str(tls_certs.ca), server.target, "-m", "hi", "--timeout", "5")
@@ -216,7 +216,7 @@ def test_server_that_ignores_close_notify_does_not_hold_the_client(tls_certs: Ce
     wait_until(lambda: server.ends == ["close_notify"], timeout=5)
 
 
-def test_interactive_over_tls(tls_certs: Certs, tls_echo: type[TLSEcho], tmp_path: Path) -> None:
+def test_interactive_over_tls(tls_certs: Certs, tls_echo: Callable[..., TLSEcho], tmp_path: Path) -> None:
     server = tls_echo(context_for(tls_certs.good))
     env = {k: v for k, v in os.environ.items() if k != "TSECHO_DEBUG"}
     env["HOME"] = str(tmp_path)
@@ -245,7 +245,7 @@ def test_interactive_over_tls(tls_certs: Certs, tls_echo: type[TLSEcho], tmp_pat
     ("good", ("--ca", "CA", "--servername", "wrong.example"), "wrong name: the certificate is not valid for "
                                                              "'wrong.example'"),
 ])
-def test_certificate_errors_name_the_reason(tls_certs: Certs, tls_echo: type[TLSEcho], leaf: str,
+def test_certificate_errors_name_the_reason(tls_certs: Certs, tls_echo: Callable[..., TLSEcho], leaf: str,
                                             args: tuple[str, ...], reason: str) -> None:
     server = tls_echo(context_for(getattr(tls_certs, leaf)))
     args = tuple(str(tls_certs.ca) if arg == "CA" else arg for arg in args)
@@ -255,7 +255,7 @@ def test_certificate_errors_name_the_reason(tls_certs: Certs, tls_echo: type[TLS
     assert server.ends[0].startswith("alert ")  # the client told the server why, in an alert
 
 
-def test_servername_and_insecure_get_past_the_checks(tls_certs: Certs, tls_echo: type[TLSEcho]) -> None:
+def test_servername_and_insecure_get_past_the_checks(tls_certs: Certs, tls_echo: Callable[..., TLSEcho]) -> None:
     wrong = tls_echo(context_for(tls_certs.wrong_name))
     result = run_client("--tls", "--ca", str(tls_certs.ca), "--servername", "wrong.example", wrong.target, "-m", "a")
     assert (result.returncode, result.stdout) == (0, reply(b"a"))
@@ -267,7 +267,7 @@ def test_servername_and_insecure_get_past_the_checks(tls_certs: Certs, tls_echo:
 # -- mutual TLS ------------------------------------------------------------------------------------
 
 
-def test_mutual_tls(tls_certs: Certs, tls_echo: type[TLSEcho]) -> None:
+def test_mutual_tls(tls_certs: Certs, tls_echo: Callable[..., TLSEcho]) -> None:
     server = tls_echo(context_for(tls_certs.good, tls_certs.client_ca))
     base = ("--tls", "--ca", str(tls_certs.ca), server.target, "-m", "hi")
     result = run_client(*base, "--cert", str(tls_certs.client.cert), "--key", str(tls_certs.client.key))
@@ -318,7 +318,7 @@ def test_silent_server_times_out_the_handshake(tls_certs: Certs) -> None:
                     "(is it a TLS port? try without --tls)\n")
 
 
-def test_plaintext_tsechod_with_tls_fails_in_one_line(tsechod: type[Daemon]) -> None:
+def test_plaintext_tsechod_with_tls_fails_in_one_line(tsechod: Callable[..., Daemon]) -> None:
     daemon = tsechod()
     text = one_error_line(run_client("--tls", "--timeout", "1", f"127.0.0.1:{daemon.port}", "-m", "x"))
     assert text.startswith(f"tsecho: TLS handshake with 127.0.0.1:{daemon.port} failed: "), text
@@ -350,3 +350,53 @@ def test_tls_option_misuse_is_a_usage_error(args: tuple[str, ...], message: str)
     result = run_client(*args, "-m", "x")
     assert result.returncode == 2
     assert message in result.stderr.decode()
+
+
+# -- a third-party server: openssl s_server ----------------------------------------------------
+
+
+@pytest.fixture
+def s_server(tls_certs: Certs) -> Iterator[Callable[..., str]]:
+    """Factory: ``s_server(*args)`` runs ``openssl s_server -rev`` (it answers each line reversed); returns HOST:PORT."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> str:
+        openssl = require_tool("openssl")
+        proc = subprocess.Popen([openssl, "s_server", "-accept", "127.0.0.1:0", "-rev", "-cert", str(tls_certs.good.cert),
+                                 "-cert_chain", str(tls_certs.good.cert), "-key", str(tls_certs.good.key), *args],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # each readline returns at a line s_server prints, or at its exit
+            line = proc.stdout.readline().decode(errors="replace")
+            if line.startswith("ACCEPT "):
+                return line.split()[1]
+            if not line:
+                break
+        raise AssertionError(f"openssl s_server did not start: {line!r}")
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_openssl_s_server_in_every_mode(tls_certs: Certs, s_server: Callable[..., str], tmp_path: Path) -> None:
+    target = s_server()
+    ca = ("--tls", "--ca", str(tls_certs.ca))
+    result = run_client(*ca, target, "-m", "hello", "-m", "")
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"olleh\n\n", b"")
+    lines = [b"%d abc" % n for n in range(3000)]
+    result = run_client(*ca, target, stdin=b"\n".join(lines))
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert result.stdout == b"".join(line[::-1] + b"\n" for line in lines)
+
+
+def test_tls_1_1_only_server_is_refused(s_server: Callable[..., str]) -> None:
+    target = s_server("-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0")
+    text = one_error_line(run_client("--tls", "--insecure", target, "-m", "x"))
+    assert text == (f"tsecho: TLS handshake with {target} failed: no common protocol version "
+                    "(tsecho needs TLS 1.2 or later)\n")

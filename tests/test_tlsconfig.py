@@ -26,7 +26,7 @@ import pytest
 from cryptography import x509
 
 from conftest import require_tool
-from tlscerts import Certs
+from tlscerts import Certs, Leaf
 from tsecho import tlsconfig
 from tsecho.tlsconfig import (
     HandshakeFailed,
@@ -45,11 +45,11 @@ CREDS = "/run/credentials/tsechod.service"
 NO_ENV: dict[str, str] = {}
 
 
-def settings(leaf: object, client_ca: Path | None = None) -> TLSSettings:
-    return TLSSettings(str(leaf.cert), str(leaf.key), str(client_ca) if client_ca else None)  # type: ignore[attr-defined]
+def settings(leaf: Leaf, client_ca: Path | None = None) -> TLSSettings:
+    return TLSSettings(str(leaf.cert), str(leaf.key), str(client_ca) if client_ca else None)
 
 
-def context_for(leaf: object, client_ca: Path | None = None) -> ssl.SSLContext:
+def context_for(leaf: Leaf, client_ca: Path | None = None) -> ssl.SSLContext:
     return load_server_tls(settings(leaf, client_ca), Path("/"), NO_ENV).context
 
 
@@ -113,16 +113,20 @@ def broken_cases(certs: Certs, tmp: Path) -> list[tuple[TLSSettings, str, str]]:
     junk = tmp / "junk.pem"
     junk.write_text("this is not PEM\n")
     big = tmp / "big.pem"
-    big.write_bytes(b"x" * (tlscerts_max() + 1))
+    big.write_bytes(b"x" * (tlsconfig.MAX_PEM_BYTES + 1))
     damaged = tmp / "damaged.crt"
     damaged.write_text("-----BEGIN CERTIFICATE-----\nMIIBkTCB+wIJAK\n-----END CERTIFICATE-----\n")
     unreadable = tmp / "dir.pem"
     unreadable.mkdir(exist_ok=True)
+    fifo = tmp / "fifo.pem"
+    if not fifo.exists():
+        os.mkfifo(fifo)  # opening it blocking would wait for a writer forever
     good_cert, good_key = str(certs.good.cert), str(certs.good.key)
     return [
         (TLSSettings(str(tmp / "nope.crt"), good_key), f'tls_cert = "{tmp}/nope.crt"', "no such file"),
         (TLSSettings(good_cert, str(tmp / "nope.key")), f'tls_key = "{tmp}/nope.key"', "no such file"),
         (TLSSettings(str(unreadable), good_key), f'tls_cert = "{unreadable}"', "is a directory"),
+        (TLSSettings(good_cert, str(fifo)), f'tls_key = "{fifo}"', "not a regular file"),
         (TLSSettings(str(junk), good_key), f'tls_cert = "{junk}"', "not a PEM certificate"),
         (TLSSettings(str(big), good_key), f'tls_cert = "{big}"', "larger than 1 MiB"),
         (TLSSettings(str(damaged), good_key), f'tls_cert = "{damaged}"', "PEM block 1 is not a valid certificate"),
@@ -139,10 +143,6 @@ def broken_cases(certs: Certs, tmp: Path) -> list[tuple[TLSSettings, str, str]]:
         (TLSSettings(good_cert, good_key, str(tmp / "nope-ca.pem")), f'tls_client_ca = "{tmp}/nope-ca.pem"',
          "no such file"),
     ]
-
-
-def tlscerts_max() -> int:
-    return tlsconfig.MAX_PEM_BYTES
 
 
 def test_every_broken_setting_is_one_line_naming_key_file_and_reason(tls_certs: Certs, tmp_path: Path) -> None:
@@ -218,7 +218,7 @@ def test_der_reader_agrees_with_cryptography(tls_certs: Certs) -> None:
              tls_certs.ca, tls_certs.client_ca]
     seen_utc_time = seen_generalized = False
     for path in files:
-        for der in tlscerts_ders(path):
+        for der in ders_of(path):
             oracle = x509.load_der_x509_certificate(der)
             assert tlsconfig._validity(der) == (oracle.not_valid_before_utc, oracle.not_valid_after_utc)
             seen_utc_time |= oracle.not_valid_after_utc.year < 2050
@@ -226,12 +226,12 @@ def test_der_reader_agrees_with_cryptography(tls_certs: Certs) -> None:
     assert seen_utc_time and seen_generalized  # both time encodings were exercised
 
 
-def tlscerts_ders(path: Path) -> list[bytes]:
+def ders_of(path: Path) -> list[bytes]:
     return tlsconfig.read_certificates("tls_cert", str(path), path, NO_ENV)
 
 
 def test_der_reader_rejects_every_truncation(tls_certs: Certs) -> None:
-    [der, *_] = tlscerts_ders(tls_certs.good.cert)
+    [der, *_] = ders_of(tls_certs.good.cert)
     for end in range(len(der)):
         with pytest.raises(ValueError):
             tlsconfig._validity(der[:end])

@@ -42,6 +42,7 @@ import os
 import re
 import select
 import ssl
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -163,7 +164,14 @@ def _read(key: str, value: str, path: Path, environ: Mapping[str, str]) -> bytes
     """The bytes of a PEM file, bounded; TLSConfigError naming what went wrong."""
     where = _where(key, value, path)
     try:
-        with open(path, "rb") as file:
+        # O_NONBLOCK: a FIFO put where a PEM file belongs must not hang start or reload.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as file:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError(errno.EISDIR, "is a directory")
+            if not stat.S_ISREG(mode):
+                raise TLSConfigError(f"{where}: not a regular file (give the PEM file itself)")
             data = file.read(MAX_PEM_BYTES + 1)
     except FileNotFoundError:
         credentials = environ.get(CREDENTIALS_ENV, "")
@@ -258,7 +266,7 @@ def check_key_matches(
                              "and tsechod cannot ask for a password") from None
     except ssl.SSLError as err:
         pair = f"{_where(key_key, key_value, key_path)} and {_where(cert_key, cert_value, cert_path)}"
-        if err.reason == "KEY_VALUES_MISMATCH":
+        if getattr(err, "reason", None) == "KEY_VALUES_MISMATCH":
             raise TLSConfigError(f"{pair}: the key does not match the certificate "
                                  "(was one of them replaced without the other?)") from None
         raise TLSConfigError(f"{pair}: cannot load the pair: {_ssl_reason(err)}") from None
