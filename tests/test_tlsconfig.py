@@ -118,6 +118,8 @@ def broken_cases(certs: Certs, tmp: Path) -> list[tuple[TLSSettings, str, str]]:
     damaged.write_text("-----BEGIN CERTIFICATE-----\nMIIBkTCB+wIJAK\n-----END CERTIFICATE-----\n")
     unreadable = tmp / "dir.pem"
     unreadable.mkdir(exist_ok=True)
+    unended = tmp / "unended.pem"
+    unended.write_bytes(b"-----BEGIN CERTIFICATE-----\n" * (tlsconfig.MAX_PEM_BYTES // 28))  # ~1 MiB, no END
     fifo = tmp / "fifo.pem"
     if not fifo.exists():
         os.mkfifo(fifo)  # opening it blocking would wait for a writer forever
@@ -128,6 +130,7 @@ def broken_cases(certs: Certs, tmp: Path) -> list[tuple[TLSSettings, str, str]]:
         (TLSSettings(str(unreadable), good_key), f'tls_cert = "{unreadable}"', "is a directory"),
         (TLSSettings(good_cert, str(fifo)), f'tls_key = "{fifo}"', "not a regular file"),
         (TLSSettings(str(junk), good_key), f'tls_cert = "{junk}"', "not a PEM certificate"),
+        (TLSSettings(str(unended), good_key), f'tls_cert = "{unended}"', "not a PEM certificate"),
         (TLSSettings(str(big), good_key), f'tls_cert = "{big}"', "larger than 1 MiB"),
         (TLSSettings(str(damaged), good_key), f'tls_cert = "{damaged}"', "PEM block 1 is not a valid certificate"),
         (TLSSettings(good_key, good_cert), f'tls_cert = "{good_key}"', "holds a private key, not a certificate"),
@@ -146,6 +149,7 @@ def broken_cases(certs: Certs, tmp: Path) -> list[tuple[TLSSettings, str, str]]:
 
 
 def test_every_broken_setting_is_one_line_naming_key_file_and_reason(tls_certs: Certs, tmp_path: Path) -> None:
+    started = time.monotonic()
     for bad, where, reason in broken_cases(tls_certs, tmp_path):
         with pytest.raises(TLSConfigError) as caught:
             load_server_tls(bad, Path("/"), NO_ENV)
@@ -153,6 +157,7 @@ def test_every_broken_setting_is_one_line_naming_key_file_and_reason(tls_certs: 
         assert "\n" not in message, message
         assert message.startswith(where + ": "), message
         assert reason in message, message
+    assert time.monotonic() - started < 2  # the 1 MiB files included: reading PEM is linear
 
 
 def test_permission_denied_names_the_file(tls_certs: Certs) -> None:

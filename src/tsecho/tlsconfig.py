@@ -57,7 +57,7 @@ EXPIRY_WARNING_S: Final = 14 * 86400.0
 MAX_PEM_BYTES: Final = 1 << 20
 DEFAULT_HANDSHAKE_TIMEOUT_S: Final = 10.0
 
-_PEM_BLOCK: Final = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.S)
+_PEM_BEGIN: Final = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
 _KEY_LABELS: Final = (b"PRIVATE KEY", b"RSA PRIVATE KEY", b"EC PRIVATE KEY", b"DSA PRIVATE KEY",
                       b"ENCRYPTED PRIVATE KEY")
 _DER_SEQUENCE: Final = 0x30
@@ -205,7 +205,7 @@ def read_certificates(key: str, value: str, path: Path, environ: Mapping[str, st
     """
     where = _where(key, value, path)
     data = _read(key, value, path, environ)
-    blocks = _PEM_BLOCK.findall(data)
+    blocks = _pem_blocks(data)
     certs: list[bytes] = []
     for index, (label, body) in enumerate(blocks, 1):
         if label != b"CERTIFICATE":
@@ -224,6 +224,30 @@ def read_certificates(key: str, value: str, path: Path, environ: Mapping[str, st
     return certs
 
 
+def _pem_blocks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """``(label, body)`` of each complete PEM block, in one pass over the lines.
+
+    One pass, so a file of a million BEGIN lines without an END costs
+    linear time (a lazy regex from each BEGIN to its END would be quadratic).
+    The body keeps its header lines (``Proc-Type: ...``).
+    """
+    blocks = []
+    label: bytes | None = None
+    body: list[bytes] = []
+    for line in data.splitlines():
+        line = line.strip()
+        if label is None:
+            begin = _PEM_BEGIN.fullmatch(line)
+            if begin:
+                label, body = begin.group(1), []
+        elif line == b"-----END " + label + b"-----":
+            blocks.append((label, b"\n".join(body)))
+            label = None
+        else:
+            body.append(line)
+    return blocks
+
+
 def check_private_key(key: str, value: str, path: Path, environ: Mapping[str, str] = os.environ) -> None:
     """Check that a file holds an unencrypted PEM private key.
 
@@ -232,7 +256,7 @@ def check_private_key(key: str, value: str, path: Path, environ: Mapping[str, st
     """
     where = _where(key, value, path)
     data = _read(key, value, path, environ)
-    blocks = _PEM_BLOCK.findall(data)
+    blocks = _pem_blocks(data)
     keys = [(label, body) for label, body in blocks if label in _KEY_LABELS]
     if not keys:
         if any(label == b"CERTIFICATE" for label, _ in blocks):
