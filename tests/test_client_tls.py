@@ -25,7 +25,8 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from conftest import STAMP, Daemon, require_tool, wait_until
+from conftest import Daemon
+from helpers import STAMP, require_tool, wait_until
 from tlscerts import Certs, Leaf
 from tsecho import client
 from tsecho.tlsconfig import TLSSettings, handshake_error_detail, load_server_tls, session_info

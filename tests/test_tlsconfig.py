@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from conftest import require_tool
+from helpers import require_tool
 from tlscerts import Certs, Leaf
 from tsecho import tlsconfig
 from tsecho.tlsconfig import (
