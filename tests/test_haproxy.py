@@ -18,6 +18,7 @@ import selectors
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -284,6 +285,33 @@ def test_haproxy_terminates_tls_for_openssl_s_client(tsechod, haproxy, tmp_path:
     line = proxy.wait_for_log(r"(\S+) \[[^]]+\] tsecho_tls~ tsechod_local/tsechod .* via=(\S+)\n")
     client_address, via = line.groups()
     assert via == peer and client_address != peer
+    assert proxy.stop() == 0
+
+
+def test_haproxy_terminates_tls_for_tsecho_tls(tsechod, haproxy, tmp_path: Path) -> None:
+    """The guide's `tsecho --tls` command through its TLS frontend, -m and piped."""
+    daemon = tsechod()
+    cert, combined = make_certificate(require_tool("openssl"), tmp_path)
+    proxy = haproxy(guide_block("defaults\n")
+                    + substitute(guide_block("frontend tsecho_tls\n"),
+                                 {"bind :8443 ": "bind fd@LISTENER ",
+                                  "/etc/haproxy/certs/tsechod.pem": str(combined),
+                                  "127.0.0.1:8009": address(daemon)}))
+    client = [sys.executable, "-W", "error", "-m", "tsecho.client", "--tls", "--ca", str(cert),
+              "--servername", "localhost", f"127.0.0.1:{proxy.port}"]
+    result = subprocess.run([*client, "-m", "hello over tls"], capture_output=True, timeout=30)
+    assert (result.returncode, result.stderr) == (0, b""), result
+    assert_answered(result.stdout.rstrip(b"\n"), b"hello over tls")
+    lines = [b"line %03d" % n for n in range(200)]
+    result = subprocess.run(client, input=b"\n".join(lines) + b"\n", capture_output=True, timeout=30)
+    assert (result.returncode, result.stderr) == (0, b""), result
+    replies = result.stdout.split(b"\n")
+    assert replies.pop() == b"" and len(replies) == len(lines)
+    for reply, line in zip(replies, lines):
+        assert_answered(reply, line)
+    # The client's close_notify made haproxy close its backend connection: both ended with eof.
+    daemon.wait_for_log(r"closed reason=eof duration_s=\S+ lines=1 bytes_in=15 ")
+    daemon.wait_for_log(r"closed reason=eof duration_s=\S+ lines=200 bytes_in=1800 ")
     assert proxy.stop() == 0
 
 
