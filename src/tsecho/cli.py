@@ -31,7 +31,7 @@ from .pidfile import PidFile, StartupError
 from .privileges import drop_privileges
 from .server import THREAD_STACK_BYTES, ListenError, match_inherited, open_servers
 from .service import Service, SystemdReporter, block_signals
-from .state import ServerState
+from .state import ServerState, load_listener_tls
 from .supervisor import Supervisor
 from .tomlwriter import toml_value
 
@@ -139,7 +139,11 @@ def report_fatal(err: Exception, environ: Mapping[str, str]) -> None:
 def check_config(explicit: str | None, environ: Mapping[str, str], overrides: Overrides) -> int:
     path = find_config_path(explicit, environ)
     config, sources = load_config_with_sources(path, environ, overrides)
+    tls = load_listener_tls(config)  # the certificates too: readable, key matches, not expired
     print(format_config(config, sources), end="")
+    for server_tls in tls:
+        for warning in server_tls.warnings if server_tls is not None else ():
+            print(f"tsechod: warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -218,8 +222,11 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
     threading.stack_size(THREAD_STACK_BYTES)
     with contextlib.ExitStack() as stack:
         pidfile = stack.enter_context(PidFile(config.pid_file)) if config.pid_file else None
-        state = ServerState(config)
+        state = ServerState(config)  # loads each TLS listener's certificate: ConfigError if one is bad
         stack.callback(state.close)
+        for tls in state.tls:
+            for warning in tls.warnings if tls is not None else ():
+                logger.warning("%s", warning)
         inherited = match_inherited(config, systemd.listen_fds_with_names(os.environ))
         servers = open_servers(config, state, inherited)
         for server in servers:
@@ -250,7 +257,8 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
         reporter = SystemdReporter(watchdog_s=systemd.watchdog_interval_s(environ),
                                    on_ready=startup.ready if startup is not None else None)
         if config.workers > 1:
-            return Supervisor(config, [(s.socket, s.listener_index) for s in servers], reload, reporter).run()
+            return Supervisor(config, [(s.socket, s.listener_index) for s in servers], reload, reporter,
+                              tls=state.tls).run()
         return Service(servers, state, reload, reporter).run_until_stopped()
 
 

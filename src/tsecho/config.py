@@ -29,6 +29,7 @@ from typing import Any, Final, cast
 from .access import AccessRuleError, AccessRules, parse_rule
 from .address import ListenAddress, one_line, parse_listen, shown
 from .protocol import PREFIX_PLACEHOLDERS, TIMESTAMP_STYLES, make_stamper
+from .tlsconfig import DEFAULT_HANDSHAKE_TIMEOUT_S, TLSSettings
 from .tomlwriter import toml_value
 
 __all__ = [
@@ -104,17 +105,32 @@ class Listener:
     proxy_protocol: str = "off"
     proxy_trusted: tuple[str, ...] = ()
     proxy_untrusted: str = "refuse"
+    # As written (a bare name may be a systemd credential): tlsconfig.resolve_path reads them.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    tls_handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S
 
     @property
     def proxied(self) -> bool:
         return self.proxy_protocol != "off"
 
+    @property
+    def tls(self) -> TLSSettings | None:
+        """The listener's TLS settings, or None for a plaintext listener."""
+        if self.tls_cert is None:
+            return None
+        return TLSSettings(self.tls_cert, self.tls_key, self.tls_client_ca)
+
     def describe(self) -> str:
         """For the ``listening on`` line: '' for a plain listener, else ' (PROXY v2 from 10.0.0.0/8)'."""
-        if not self.proxied:
-            return ""
-        others = "; others served direct" if self.proxy_untrusted == "direct" else ""
-        return f" (PROXY {self.proxy_protocol} from {', '.join(self.proxy_trusted)}{others})"
+        parts = []
+        if self.proxied:
+            others = "; others served direct" if self.proxy_untrusted == "direct" else ""
+            parts.append(f"PROXY {self.proxy_protocol} from {', '.join(self.proxy_trusted)}{others}")
+        if self.tls_cert is not None:
+            parts.append("TLS, client certificate required" if self.tls_client_ca is not None else "TLS")
+        return f" ({'; '.join(parts)})" if parts else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +174,8 @@ class Config:
     # Not a key: every listener, those of `listen` (plain) first, then the [[listener]] tables.
     # load_config fills it; left empty, it is the plain listeners of `listen`.
     listeners: tuple[Listener, ...] = ()
+    # Not a key: the config file, absolute; relative tls_* paths start in its directory (None: no file).
+    config_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.listeners:
@@ -564,7 +582,8 @@ KEYS: Final[tuple[Key, ...]] = (
               "when started as root, switch to this group after binding", flag=True, reloadable=False),
 )
 KEYS_BY_NAME: Final[Mapping[str, Key]] = {key.name: key for key in KEYS}
-_FIELD_DEFAULTS: Final[Mapping[str, object]] = {f.name: f.default for f in fields(Config) if f.name != "listeners"}
+_FIELD_DEFAULTS: Final[Mapping[str, object]] = {f.name: f.default for f in fields(Config)
+                                               if f.name not in ("listeners", "config_file")}
 
 if [key.name for key in KEYS] != list(_FIELD_DEFAULTS):  # pragma: no cover - import-time guard
     raise AssertionError("KEYS and Config fields differ")
@@ -630,6 +649,15 @@ def _proxy_trusted(value: object) -> object:
     return tuple(networks)
 
 
+def _tls_file(value: object) -> object:
+    reason = "must be a PEM file path, or a systemd credential name (a non-empty string)"
+    if not isinstance(value, str):
+        raise _wrong_type(reason, value)
+    if not value or "\0" in value or value.endswith("/"):
+        raise ValueError(reason)
+    return value  # kept as written: where it is depends on $CREDENTIALS_DIRECTORY (tlsconfig.resolve_path)
+
+
 LISTENER_KEYS: Final[tuple[ListenerKey, ...]] = (
     ListenerKey("address", "address", '"host:port" or "[ipv6]:port", port 0-65535; not also in another listener',
                 "the address to listen on (required)", _listener_address, required=True, reloadable=False),
@@ -645,6 +673,15 @@ LISTENER_KEYS: Final[tuple[ListenerKey, ...]] = (
     ListenerKey("proxy_untrusted", "string", ", ".join(PROXY_UNTRUSTED),
                 '"refuse" others (closed without a word), or serve them "direct" as plain clients',
                 _choice_key(PROXY_UNTRUSTED)[0]),
+    ListenerKey("tls_cert", "path", "PEM file (certificate chain, may hold the key too), or a credential name",
+                "serve TLS on this listener with this certificate (relative: to the config file's directory)",
+                _tls_file),
+    ListenerKey("tls_key", "path", "PEM file, or a credential name",
+                "the certificate's private key (not encrypted); unset: it is in tls_cert", _tls_file),
+    ListenerKey("tls_client_ca", "path", "PEM file, or a credential name",
+                "mutual TLS: require a client certificate signed by a CA in this file", _tls_file),
+    ListenerKey("tls_handshake_timeout_s", "number", f"seconds > 0 (at most {MAX_TIMEOUT_S:.0f})",
+                "close a TLS client that has not completed its handshake within this", _seconds_key(0, False)[0]),
 )
 LISTENER_KEYS_BY_NAME: Final[Mapping[str, ListenerKey]] = {key.name: key for key in LISTENER_KEYS}
 _LISTENER_DEFAULTS: Final[Mapping[str, object]] = {f.name: f.default for f in fields(Listener)}
@@ -788,6 +825,7 @@ def load_config_with_sources(
                               f"already in listen ({sources['listen']}); list each address once")
     values["listen"] = plain
     values["listeners"] = (*(Listener(address) for address in plain), *tables)
+    values["config_file"] = path.absolute() if path is not None else None
     return cast(Any, Config)(**values), sources
 
 
@@ -922,6 +960,11 @@ def _read_listeners(path: Path, body: object) -> tuple[list[Listener], dict[str,
                 f"{at} proxy_protocol = {toml_value(listener.proxy_protocol)}: needs proxy_trusted, the "
                 'addresses of the proxies allowed to send a header (e.g. proxy_trusted = ["10.0.0.0/8"])'
             )
+        if listener.tls_cert is None:
+            for name in ("tls_key", "tls_client_ca", "tls_handshake_timeout_s"):
+                if name in values:
+                    raise ConfigError(f"{at} {name} = {toml_value(table[name])}: needs tls_cert "
+                                      '(the certificate to serve, e.g. tls_cert = "/etc/tsechod/server.pem")')
         for other_number, other in enumerate(listeners, 1):
             if other.address == listener.address:
                 raise ConfigError(f"{at} address = {toml_value(str(listener.address))}: "

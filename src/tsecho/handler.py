@@ -21,6 +21,7 @@ import logging
 import select
 import socket
 import socketserver
+import ssl
 import time
 from typing import Any, Final
 
@@ -30,6 +31,7 @@ from .access import normalize_address
 from .proxyproto import (V1_MAX_BYTES, V2_HEADER_BYTES, V2_MAX_LENGTH_BYTES, IPAddress, ProxyHeader,
                          ProxyHeaderError, ProxyHeaderParser)
 from .state import Connection, ServerState
+from .tlsconfig import HandshakeFailed, HandshakeStopped, handshake, handshake_error_detail, session_info
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,68 @@ class _Closed(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class TLSSocket(ssl.SSLSocket):
+    """A server-side TLS connection that behaves like the plain non-blocking socket the handler knows.
+
+    Chosen once per connection (the context's ``sslsocket_class``), so the
+    plaintext path pays nothing: "would block" in either direction is
+    ``BlockingIOError``; the peer's close_notify reads as ``b""`` (EOF, like a
+    FIN); ``shutdown(SHUT_WR)`` sends close_notify instead of a bare FIN
+    (which a TLS client reads as a truncation attack), and keeps the session
+    readable so the peer's last bytes and its own close_notify can be read.
+    """
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        try:
+            return super().recv(buflen, flags)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise BlockingIOError(errno.EAGAIN, "TLS record incomplete") from None
+        except ssl.SSLZeroReturnError:  # close_notify after ours: the session ended cleanly
+            return b""
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        try:
+            return super().send(data, flags)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            # OpenSSL wants the same bytes again: _send_rest's memoryview offers at least those.
+            raise BlockingIOError(errno.EAGAIN, "TLS send would block") from None
+
+    def shutdown(self, how: int) -> None:
+        if how != socket.SHUT_WR:
+            super().shutdown(how)
+            return
+        try:
+            self.unwrap()  # writes close_notify; non-blocking, so it doesn't wait for the peer's
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass  # sent (WantRead: the peer's is still to come), or the send buffer is full: close() says the rest
+        except (ssl.SSLError, ValueError):
+            socket.socket.shutdown(self, how)  # the session is broken or gone: a FIN is all we can say
+
+
+class _TLSReadPoll:
+    """The handler's read poll on a TLS connection: TLS's own buffer first, then the real poll().
+
+    A read takes one TLS record; more decrypted bytes may wait inside OpenSSL
+    while the socket itself has nothing, and poll() would sleep on them.
+    """
+
+    __slots__ = ("poll", "register", "unregister")
+
+    def __init__(self, real: select.poll, tls: TLSSocket) -> None:
+        fd = tls.fileno()
+        pending = tls.pending
+        real_poll = real.poll
+
+        def poll(timeout: float | None = None) -> list[tuple[int, int]]:
+            if pending():
+                return [(fd, select.POLLIN)]
+            return real_poll(timeout)
+
+        self.poll = poll
+        self.register = real.register
+        self.unregister = real.unregister
 
 
 def _escape(data: bytes) -> str:
@@ -99,6 +163,9 @@ class EchoHandler(socketserver.BaseRequestHandler):
             self.conn.reason = closed.reason
         except (ConnectionResetError, BrokenPipeError):
             self.conn.reason = "reset"
+        except ssl.SSLError as err:  # a broken record after the handshake: the peer's fault, not ours
+            self.conn.detail = handshake_error_detail(err)
+            self.conn.reason = "tls-error"
         except OSError as err:
             if err.errno not in _PEER_GONE:
                 raise  # a bug or a resource problem: EchoServer.handle_error logs it
@@ -111,12 +178,44 @@ class EchoHandler(socketserver.BaseRequestHandler):
     def preamble(self) -> None:
         """The phases before the line loop, each bounded by its own deadline.
 
-        A PROXY header (on a PROXY listener, from a trusted proxy); a TLS
-        handshake plugs in after it, the same way: a method that waits with
-        ``_wait_readable(deadline, reason)`` and raises ``_Closed``.
+        A PROXY header (on a PROXY listener, from a trusted proxy), then on a
+        TLS listener the handshake (the header comes before it, on the wire
+        too). Each is a method that raises ``_Closed`` with the access event's
+        reason.
         """
         if self.conn.expect_proxy is not None:
             self._read_proxy_header(self.conn.expect_proxy)
+        if self.conn.tls_context is not None:
+            self._tls_handshake(self.conn.tls_context)
+
+    def _tls_handshake(self, context: ssl.SSLContext) -> None:
+        """Complete the TLS handshake within tls_handshake_timeout_s; then the line loop reads through TLS.
+
+        A failure (plaintext, an old version, a bad client certificate, a
+        silent or dripping client at the deadline) ends the connection as
+        ``tls-error`` with the detail in the access event: one line, no
+        traceback. The wrap keeps the descriptor, so the polls registered in
+        ``setup`` stay valid; ``conn.sock`` stays the accepted socket object
+        (the registry's key) and ``conn.wire`` becomes the TLS one.
+        """
+        conn = self.conn
+        if self._early:  # can't happen: the PROXY phase leaves what follows its header in the socket
+            conn.detail = "data with the proxy header"
+            raise _Closed("tls-error")
+        if context.sslsocket_class is not TLSSocket:
+            context.sslsocket_class = TLSSocket  # the same value from every thread: a benign race
+        tls = context.wrap_socket(self.request, server_side=True, do_handshake_on_connect=False)
+        assert isinstance(tls, TLSSocket)
+        self.request = conn.wire = tls
+        try:
+            handshake(tls, time.monotonic() + conn.tls_timeout_s, self.state.stop_fd)
+        except HandshakeStopped:
+            raise _Closed("shutdown") from None
+        except HandshakeFailed as err:
+            conn.detail = err.detail
+            raise _Closed("tls-error") from None
+        conn.tls_session = session_info(tls)
+        self._read_poll = _TLSReadPoll(self._read_poll, tls)  # type: ignore[assignment]
 
     def _read_proxy_header(self, mode: str) -> None:
         """Read the PROXY header within proxy_header_timeout_s; then the client it names is the peer.
@@ -166,7 +265,8 @@ class EchoHandler(socketserver.BaseRequestHandler):
             return
         refusal = self.state.readmit(conn, (str(client[0]), client[1]))
         if refusal is not None:
-            line = REFUSAL_LINES[refusal]
+            # Before the handshake, a TLS client would read an ERR line as a broken record: just close.
+            line = REFUSAL_LINES[refusal] if conn.tls_context is None else b""
             if line:
                 self._send(line)
                 self._linger(time.monotonic() + LINGER_S)
@@ -433,6 +533,13 @@ def log_access(conn: Connection) -> None:
     if conn.quiet:
         extra["health_check"] = True
         tail += " health-check"
+    if conn.tls_session is not None:
+        session = conn.tls_session
+        extra.update(session.log_fields())
+        tail += f" tls={session.version} cipher={session.cipher}"
+        if session.client_subject is not None:
+            # Quoted: a subject may hold spaces; format_subject escaped its quotes and backslashes.
+            tail += f' client="{session.client_subject}"'
     if conn.detail is not None:
         extra["detail"] = conn.detail
         tail += f" detail={conn.detail}"  # last: it has spaces (the formatter escapes control characters)

@@ -10,7 +10,8 @@ accept -> on a PROXY listener, is the peer in proxy_trusted? (no: closed, or
 served as a direct client) -> ``ServerState.admit`` (rules, rate, limits; a
 refusal gets its ERR line, or nothing if denied, without a thread) -> a parked
 or new thread -> ``EchoHandler`` (its preamble reads the PROXY header and
-re-admits the client it names) -> close -> access event -> release.
+re-admits the client it names, then on a TLS listener runs the handshake with
+the listener's context as of the accept) -> close -> access event -> release.
 """
 
 from __future__ import annotations
@@ -181,6 +182,7 @@ class EchoServer(socketserver.ThreadingTCPServer):
         state = self.state
         proxy = None
         index = self.listener_index
+        tls = state.tls[index] if index is not None else None  # read once: a reload swaps the tuple
         if index is not None and (listener := state.config.listeners[index]).proxied:
             if state.is_trusted(index, client_address[0]):
                 proxy = listener.proxy_protocol
@@ -190,14 +192,19 @@ class EchoServer(socketserver.ThreadingTCPServer):
             # else "direct": an untrusted peer is served as the client it is
         admitted = state.admit(request, client_address, proxy)
         if isinstance(admitted, str):
-            _refuse(request, REFUSAL_LINES[admitted])
+            # A TLS client would read a plaintext ERR line as a broken record: it just gets the close.
+            _refuse(request, REFUSAL_LINES[admitted] if tls is None else b"")
             log_refusals(state)
             return
+        if tls is not None:
+            assert index is not None
+            admitted.tls_context = tls.context
+            admitted.tls_timeout_s = state.config.listeners[index].tls_handshake_timeout_s
         try:
             self.threads.run(self._serve_connection, request, client_address, admitted)
         except RuntimeError:  # can't start new thread: out of memory or pids
             self.state.release(admitted)
-            _refuse(request, ERR_BUSY)
+            _refuse(request, ERR_BUSY if tls is None else b"")
 
     def _serve_connection(self, request: Any, client_address: Any, conn: Connection) -> None:
         thread = threading.current_thread()

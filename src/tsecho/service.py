@@ -91,12 +91,14 @@ def reload_config(load_config: Callable[[], Config], running: Config) -> Config:
             logger.warning("reload: %s changed; it applies only after a restart (systemctl restart tsechod)",
                            key.name)
             kept[key.name] = getattr(running, key.name)
-    # A listener's address and name are its socket: they need a restart. Its PROXY settings
-    # reload, matched by position, which is safe only while the list of sockets is the same.
+    # A listener's address and name are its socket, and whether it speaks TLS is what its clients
+    # expect: they need a restart. Its PROXY and TLS settings reload, matched by position, which is
+    # safe only while the list of sockets is the same.
     if _sockets_of(new) != _sockets_of(running):
         if "listen" not in kept:
-            logger.warning("reload: the [[listener]] addresses or names changed; they apply only after a "
-                           "restart (systemctl restart tsechod); the running listeners keep their settings")
+            logger.warning("reload: the [[listener]] addresses, names or TLS on/off changed; they apply only "
+                           "after a restart (systemctl restart tsechod); the running listeners keep their "
+                           "settings")
         kept["listeners"] = running.listeners
     new = dataclasses.replace(new, **kept)
     try:
@@ -111,7 +113,7 @@ def reload_config(load_config: Callable[[], Config], running: Config) -> Config:
 
 
 def _sockets_of(config: Config) -> list[tuple[object, ...]]:
-    return [(listener.address, listener.name) for listener in config.listeners]
+    return [(listener.address, listener.name, listener.tls_cert is not None) for listener in config.listeners]
 
 
 class Reporter(Protocol):

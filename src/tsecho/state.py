@@ -15,24 +15,30 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Final
 
 from .access import AccessRules, ConnectionRateLimiter, normalize_address
 from .address import peer_name
-from .config import Config, Listener
+from .config import Config, ConfigError, Listener
 from .protocol import DEFAULT_PREFIX, Prefixer, Stamper, make_prefixer, make_stamper
 from .systemd import unit_instance
+from .tlsconfig import ServerTLS, SessionInfo, TLSConfigError, load_server_tls
+
+logger = logging.getLogger(__name__)
 
 # Refusals are logged as one summary line at most this often.
 REFUSAL_SUMMARY_EVERY_S: Final = 10.0
 # Why a connection ended, as its access event says (docs/operations.md lists them).
 CLOSE_REASONS: Final = ("eof", "idle", "slow", "stalled", "reset", "too-long", "interrupt", "shutdown", "error",
-                        "proxy-timeout", "proxy-invalid", "proxy-untrusted")
+                        "proxy-timeout", "proxy-invalid", "proxy-untrusted", "tls-error")
 # Why a connection was refused before it was served: at accept, before a thread started, or on a
 # PROXY listener right after the header (the client's address is known only then).
 REFUSAL_REASONS: Final = ("busy", "per-address", "rate", "denied")
@@ -48,11 +54,13 @@ class Connection:
     otherwise, so a connection ended by a bug is counted as one.
     """
 
-    __slots__ = ("sock", "peer", "ip", "started", "lines", "bytes_in", "bytes_out", "reason", "counted_ip",
-                 "expect_proxy", "via", "quiet", "refused", "detail", "tlvs")
+    __slots__ = ("sock", "wire", "peer", "ip", "started", "lines", "bytes_in", "bytes_out", "reason", "counted_ip",
+                 "expect_proxy", "via", "quiet", "refused", "detail", "tlvs", "tls_context", "tls_timeout_s",
+                 "tls_session")
 
     def __init__(self, sock: socket.socket, address: tuple[str, int], counted: bool = True) -> None:
-        self.sock = sock
+        self.sock = sock  # the accepted socket: the registry's key, even after a TLS wrap detached it
+        self.wire: socket.socket = sock  # what carries the bytes: sock, or the TLS socket wrapping it
         self.peer = peer_name(address)  # the client: after a PROXY header, the one it names
         self.ip = address[0]
         self.started = time.monotonic()
@@ -67,8 +75,11 @@ class Connection:
         self.via: str | None = None  # the proxy's address, once a header named the client
         self.quiet = False  # a proxy's health check: its access event is logged at debug
         self.refused: str | None = None  # refused after the header: no access event, a refusal
-        self.detail: str | None = None  # why a PROXY header was refused, for the access event
+        self.detail: str | None = None  # why a PROXY header or a TLS handshake failed, for the access event
         self.tlvs: dict[str, str] = {}  # PROXY v2 TLVs worth logging (authority, alpn, aws_vpce_id)
+        self.tls_context: ssl.SSLContext | None = None  # set on a TLS listener: the handshake to run
+        self.tls_timeout_s = 0.0
+        self.tls_session: SessionInfo | None = None  # after a completed handshake
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -87,9 +98,14 @@ class Figures:
     def refused_total(self) -> int:
         return sum(self.refused)
 
+    @property
+    def tls_errors(self) -> int:
+        return self.closed[CLOSE_REASONS.index("tls-error")]
+
     def status(self) -> str:
-        """Live figures for systemd's STATUS=: '12 connections, 3401 lines, 0 refused'."""
-        return f"{self.connections} connections, {self.lines} lines, {self.refused_total} refused"
+        """Live figures for systemd's STATUS=: '12 connections, 3401 lines, 0 refused' (', 2 TLS errors')."""
+        tls = f", {self.tls_errors} TLS errors" if self.tls_errors else ""
+        return f"{self.connections} connections, {self.lines} lines, {self.refused_total} refused{tls}"
 
     def as_vector(self) -> tuple[int, ...]:
         return (self.connections, self.accepted, self.lines, self.bytes_in, self.bytes_out,
@@ -114,10 +130,18 @@ class ServerState:
     """What all listeners and connections of one process share.
 
     ``config`` and ``stamper`` are replaced whole on reload; handlers read them
-    afresh for every read, so a reload applies from the next line.
+    afresh for every read, so a reload applies from the next line. ``tls`` (one
+    ServerTLS per listener, None for plaintext) is replaced whole too, and read
+    once per connection at accept: new connections get a new certificate, live
+    ones keep the session they have. Building it raises ConfigError (a bad
+    certificate or key at start); on reload, a listener whose new pair is bad
+    keeps its old one.
     """
 
-    def __init__(self, config: Config, clock: Callable[[], float] = time.time, worker: int = 0) -> None:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time, worker: int = 0,
+                 tls: tuple[ServerTLS | None, ...] | None = None) -> None:
+        # A worker gets its supervisor's: read before privileges were dropped, and read once.
+        self.tls: tuple[ServerTLS | None, ...] = load_listener_tls(config) if tls is None else tls
         self.config = config
         self.stamper: Stamper = make_stamper(config.timestamp, config.utc)
         self.worker = worker  # this process's index among the workers; 0 when workers = 1
@@ -157,6 +181,7 @@ class ServerState:
         self.rules = AccessRules.parse(config.rules)
         self.rate.reconfigure(config.connection_rate_per_ip, config.connection_burst_per_ip)
         self.trusted = _trusted(config.listeners)
+        self.tls = reload_listener_tls(config, self.tls)
         self.config = config
 
     def _make_prefixer(self, config: Config) -> Prefixer | None:
@@ -330,16 +355,61 @@ class ServerState:
     def abort_connections(self) -> None:
         """Cut whatever is still open after the stop's deadline."""
         with self._lock:
-            socks = list(self._live)
-        for sock in socks:
+            wires = [conn.wire for conn in self._live.values()]
+        for wire in wires:
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                # The plain socket's shutdown, also for a TLS one: SSLSocket.shutdown would drop
+                # its TLS state under the thread that is still using it.
+                socket.socket.shutdown(wire, socket.SHUT_RDWR)
             except OSError:
                 pass
 
     def close(self) -> None:
         os.close(self._stop_r)
         os.close(self._stop_w)
+
+
+def load_listener(config: Config, index: int) -> ServerTLS:
+    """Listener *index*'s certificate and key, loaded and checked; ConfigError naming the listener."""
+    listener = config.listeners[index]
+    settings = listener.tls
+    assert settings is not None
+    try:
+        base_dir = config.config_file.parent if config.config_file is not None else Path.cwd()
+        return load_server_tls(settings, base_dir)
+    except TLSConfigError as err:
+        raise ConfigError(f"{config.config_file or 'config'}: [[listener]] #{index - len(config.listen) + 1} "
+                          f"({listener.address}): {err}") from None
+
+
+def load_listener_tls(config: Config) -> tuple[ServerTLS | None, ...]:
+    """One ServerTLS per listener (None: plaintext). Raises ConfigError for the first that fails."""
+    return tuple(load_listener(config, index) if listener.tls is not None else None
+                 for index, listener in enumerate(config.listeners))
+
+
+def reload_listener_tls(config: Config, running: tuple[ServerTLS | None, ...],
+                        log: bool = True) -> tuple[ServerTLS | None, ...]:
+    """Each TLS listener's certificate and key read again (SIGHUP: rotation).
+
+    A listener whose new pair fails to load keeps its running one, with an
+    error logged (no outage); expiry warnings are logged again. Whether a
+    listener speaks TLS at all does not change on reload (service.reload_config).
+    """
+    tls = list(running)
+    for index, listener in enumerate(config.listeners):
+        if listener.tls is None or index >= len(tls) or tls[index] is None:
+            continue
+        try:
+            loaded = load_listener(config, index)
+        except ConfigError as err:
+            if log:
+                logger.error("reload: %s; keeping the old certificate", str(err).removeprefix("config error: "))
+            continue
+        tls[index] = loaded
+        for warning in loaded.warnings if log else ():
+            logger.warning("%s", warning)
+    return tuple(tls)
 
 
 def _trusted(listeners: Iterable[Listener]) -> list[AccessRules]:

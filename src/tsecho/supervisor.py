@@ -31,7 +31,8 @@ from .config import Config, ConfigError
 from .server import EchoServer, ReadyThreads
 from .service import (HANDLED_SIGNALS, STOP_GRACE_S, ProcessControl, Service, SystemdReporter,
                       ignore_signals_while_exiting, reload_config)
-from .state import FIGURES_SIZE, Figures, ServerState
+from .state import FIGURES_SIZE, Figures, ServerState, reload_listener_tls
+from .tlsconfig import ServerTLS
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +112,12 @@ class Supervisor(ProcessControl):
         sockets: Sequence[tuple[socket.socket, int | None]],  # each with its listener's index
         load_config: Callable[[], Config],
         reporter: SystemdReporter | None = None,
+        tls: tuple[ServerTLS | None, ...] = (),
     ) -> None:
         super().__init__()
         self.config = config
+        # Each listener's TLS context, handed to workers forked later (they may not be able to read the key).
+        self.tls = tls or tuple(None for _ in config.listeners)
         self.sockets = list(sockets)
         self.load_config = load_config
         self.reporter = reporter or SystemdReporter()
@@ -153,6 +157,7 @@ class Supervisor(ProcessControl):
         self.reporter.reloading()
         try:
             self.config = reload_config(self.load_config, self.config)
+            self.tls = reload_listener_tls(self.config, self.tls, log=False)  # the workers log
         except ConfigError as err:
             logger.error("reload failed, keeping the running config: %s", err)
         else:
@@ -287,7 +292,7 @@ class Supervisor(ProcessControl):
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.close(self._ready_r)
         _stop_with_parent(self._supervisor_pid)
-        state = ServerState(self.config, worker=index)
+        state = ServerState(self.config, worker=index, tls=self.tls)
         threads = ReadyThreads()
         servers = [EchoServer(sock, state, threads, index) for sock, index in self.sockets]
         reporter = WorkerReporter(index, self._figures, self._ready_w)
