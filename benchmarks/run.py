@@ -66,6 +66,15 @@ ACCESS_CHECKS: Final = (
     "connection_rate_per_ip = 1000000\nconnection_burst_per_ip = 1000000\n[access]\nrules = ["
     + ", ".join(f'"deny 10.{i}.0.0/16"' for i in range(20)) + ', "allow all"]\n'
 )
+# Only when asked for (--servers), and driven by benchmarks/tls_bench.py's Python generator (the C
+# one speaks no TLS): each server with TLS on, the certificate made by make_tls_files.
+TLS_SERVERS: Final = ("tsechod-tls", "asyncio-tls", "uvloop-tls")
+TLS_LISTENER: Final = """
+[[listener]]
+address = "127.0.0.1:0"
+tls_cert = "tls.crt"
+tls_key = "tls.key"
+"""
 PROXY_LISTENER: Final = """
 [[listener]]
 address = "127.0.0.1:0"
@@ -262,6 +271,16 @@ class Server:
             cmd = [str(TSECHOD), "--config", str(config), "--listen", "127.0.0.1:0", "--log-level", "warning"]
             if self.workers != 1:
                 cmd += ["--workers", str(self.workers)]
+        elif self.name == "tsechod-tls":
+            make_tls_files(self.tmp)
+            config = self.tmp / "tsechod-tls.toml"
+            config.write_text(TSECHOD_CONFIG + TLS_LISTENER)
+            cmd = [str(TSECHOD), "--config", str(config), "--log-level", "warning"]
+        elif self.name in ("asyncio-tls", "uvloop-tls"):
+            cert, key = make_tls_files(self.tmp)
+            cmd = [PYTHON, str(BENCH_DIR / "asyncio_server.py"), "--tls-cert", str(cert), "--tls-key", str(key)]
+            if self.name == "uvloop-tls":
+                cmd.append("--uvloop")
         elif self.name == "tutorial":
             cmd = [PYTHON, str(BENCH_DIR / "tutorial_server.py")]
         elif self.name == "asyncio":
@@ -308,6 +327,17 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def make_tls_files(tmp: Path) -> tuple[Path, Path]:
+    """A self-signed P-256 certificate for localhost in *tmp* (tls.crt, tls.key), made once with openssl."""
+    cert, key = tmp / "tls.crt", tmp / "tls.key"
+    if not cert.exists():
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                        "-nodes", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                        "-days", "2", "-keyout", str(key), "-out", str(cert)],
+                       check=True, capture_output=True, timeout=30)
+    return cert, key
 
 
 # ---------- one cell ----------

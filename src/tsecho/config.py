@@ -22,7 +22,7 @@ import string
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final, cast
 
@@ -175,7 +175,7 @@ class Config:
     # load_config fills it; left empty, it is the plain listeners of `listen`.
     listeners: tuple[Listener, ...] = ()
     # Not a key: the config file, absolute; relative tls_* paths start in its directory (None: no file).
-    config_file: Path | None = None
+    config_file: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not self.listeners:
@@ -961,7 +961,7 @@ def _read_listeners(path: Path, body: object) -> tuple[list[Listener], dict[str,
                 'addresses of the proxies allowed to send a header (e.g. proxy_trusted = ["10.0.0.0/8"])'
             )
         if listener.tls_cert is None:
-            for name in ("tls_key", "tls_client_ca", "tls_handshake_timeout_s"):
+            for name in ("tls_key", "tls_client_ca"):
                 if name in values:
                     raise ConfigError(f"{at} {name} = {toml_value(table[name])}: needs tls_cert "
                                       '(the certificate to serve, e.g. tls_cert = "/etc/tsechod/server.pem")')
