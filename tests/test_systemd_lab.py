@@ -558,6 +558,41 @@ def test_a_second_instance_as_documented(lab: Lab) -> None:
     assert lab.run("systemctl", "list-unit-files", "--no-legend", "tsechod-b*", check=False).stdout.strip() == ""
 
 
+def test_tls_with_load_credential_as_documented(lab: Lab) -> None:
+    """The documented drop-in: LoadCredential= hands key and certificate to the hardened unit."""
+    import ssl
+
+    lab.sh("set -e\n" + documented_block("tls-credentials").replace(
+        "sudo systemctl restart tsechod.service\n", ""))
+    saved = lab.read_config()
+    try:
+        lab.sh("set -e; umask 077; openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
+               "-subj /CN=localhost -addext subjectAltName=DNS:localhost -days 2 "
+               "-keyout /etc/tsechod/tls/server.key -out /etc/tsechod/tls/server.crt 2>/dev/null")
+        cert = lab.run("cat", "/etc/tsechod/tls/server.crt").stdout
+        lab.write_config('[server]\nlisten = ["127.0.0.1:8009", "[::1]:8009"]\n\n[[listener]]\nname = "tls"\n'
+                         'address = "127.0.0.1:8010"\ntls_cert = "server.crt"\ntls_key = "server.key"\n')
+        after = lab.cursor()
+        lab.run("systemctl", "restart", "tsechod.service")
+        lab.wait_active()
+        context = ssl.create_default_context(cadata=cert)
+        with socket.create_connection(("127.0.0.1", 8010), timeout=TIMEOUT_S) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as sock:
+                sock.sendall(b"over tls\n")
+                assert CTIME_REPLY.match(recv_line(sock))
+        lab.wait_journal(lambda e: "tls=TLSv1.3" in e.get("MESSAGE", ""), after, "with tls=TLSv1.3")
+        with connect() as sock:  # the plain listener still answers
+            assert CTIME_REPLY.match(round_trip(sock, b"plain"))
+        security = lab.run("systemd-analyze", "security", "--threshold=15", "tsechod.service", check=False)
+        match = re.search(r"Overall exposure level for \S+: (\d+\.\d)", security.stdout)
+        assert match and float(match.group(1)) <= 1.5, security.stdout[-2000:]
+    finally:
+        lab.write_config(saved)
+        lab.sh("systemctl disable --now tsechod-tls.socket; rm -rf /etc/systemd/system/tsechod-tls.socket "
+               "/etc/systemd/system/tsechod.service.d/tls.conf /etc/tsechod/tls; systemctl daemon-reload; "
+               "systemctl restart tsechod.service", check=False)
+
+
 def test_uninstall_leaves_no_unit_behind(lab: Lab) -> None:
     proc = lab.run("./uninstall.sh")
     assert "removed" in proc.stdout
