@@ -562,18 +562,16 @@ def test_tls_with_load_credential_as_documented(lab: Lab) -> None:
     """The documented drop-in: LoadCredential= hands key and certificate to the hardened unit."""
     import ssl
 
-    lab.sh("set -e\n" + documented_block("tls-credentials").replace(
-        "sudo systemctl restart tsechod.service\n", ""))
     saved = lab.read_config()
     try:
-        lab.sh("set -e; umask 077; openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
-               "-subj /CN=localhost -addext subjectAltName=DNS:localhost -days 2 "
-               "-keyout /etc/tsechod/tls/server.key -out /etc/tsechod/tls/server.crt 2>/dev/null")
-        cert = lab.run("cat", "/etc/tsechod/tls/server.crt").stdout
         lab.write_config('[server]\nlisten = ["127.0.0.1:8009", "[::1]:8009"]\n\n[[listener]]\nname = "tls"\n'
                          'address = "127.0.0.1:8010"\ntls_cert = "server.crt"\ntls_key = "server.key"\n')
+        lab.sh("set -e; umask 077; mkdir -p /etc/tsechod/tls; openssl req -x509 -newkey ec "
+               "-pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost -addext subjectAltName=DNS:localhost "
+               "-days 2 -keyout /etc/tsechod/tls/server.key -out /etc/tsechod/tls/server.crt 2>/dev/null")
+        cert = lab.run("cat", "/etc/tsechod/tls/server.crt").stdout
         after = lab.cursor()
-        lab.run("systemctl", "restart", "tsechod.service")
+        lab.sh("set -e\n" + documented_block("tls-credentials"))  # as documented, restart included
         lab.wait_active()
         context = ssl.create_default_context(cadata=cert)
         with socket.create_connection(("127.0.0.1", 8010), timeout=TIMEOUT_S) as raw:
