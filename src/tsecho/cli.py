@@ -26,7 +26,7 @@ from .access import AccessRules, normalize_address
 from .config import (KEYS, KEYS_BY_NAME, LISTENER_KEYS, LISTENER_TABLE, SECTIONS, Config, ConfigError,
                      find_config_path, load_config, load_config_with_sources)
 from .daemonize import ParentOutcome, StartupReport, detach, refuse_under_systemd
-from .logsetup import configure_logging, log_fds, log_file_stream, stderr_is_journal
+from .logsetup import check_log_target, configure_logging, log_fds, log_file_stream, start_log_writer, stderr_is_journal
 from .pidfile import PidFile, StartupError
 from .privileges import drop_privileges
 from .server import THREAD_STACK_BYTES, ListenError, match_inherited, open_servers
@@ -203,10 +203,10 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
     block_signals()
     path = find_config_path(explicit, environ)
 
-    def reload() -> Config:
-        return load_config(path, environ, overrides, reloading=True)
+    def reload() -> Config:  # a syslog target without /dev/log: reload failed, old config kept
+        return check_log_target(load_config(path, environ, overrides, reloading=True))
 
-    config = load_config(path, environ, overrides)
+    config = check_log_target(load_config(path, environ, overrides))  # exit 78 if syslog can't work
     if daemon and (reason := refuse_under_systemd(environ)):
         raise UsageError(reason)
     try:
@@ -239,6 +239,7 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
                     raise StartupFailed(outcome.message or "the daemon failed to start")
                 return EXIT_OK
             startup = outcome
+        start_log_writer()  # detached (no thread may cross detach's fork); from here logging never blocks
         try:
             if pidfile is not None:
                 pidfile.write()
