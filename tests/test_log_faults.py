@@ -160,11 +160,23 @@ def ask(port: int, line: bytes = b"ping") -> bytes:
         return recv_lines(sock, 1)[0]
 
 
+_held: list[socket.socket] = []  # clients a test keeps open; closed after it, failed or not
+
+
+@pytest.fixture(autouse=True)
+def _close_held_clients() -> Iterator[None]:
+    yield
+    for sock in _held:
+        sock.close()
+    _held.clear()
+
+
 def fill_and_refuse(port: int) -> list[socket.socket]:
     """Take all 20 slots with idle clients (each answered once); the 21st must get ERR server busy."""
     held = []
     for _ in range(20):
         sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        _held.append(sock)
         held.append(sock)
         sock.sendall(b"hold\n")
         assert recv_lines(sock, 1)[0].endswith(b"] hold")
@@ -282,9 +294,17 @@ def test_stderr_fifo_that_stops_reading_blocks_no_reply_fin_refusal_or_stop(spaw
     print(f"FIGURES stuck-stderr stop with 20 clients held: exit {status} in {took_s:.2f} s")
 
 
-def test_syslog_socket_that_stops_reading_blocks_nothing(spawn, tmp_path: Path) -> None:
+@pytest.fixture
+def syslog(tmp_path: Path) -> Iterator[socket.socket]:
+    """Our syslog: a datagram socket at tmp_path/syslog.sock that reads only when a test says so."""
     log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     log.bind(str(tmp_path / "syslog.sock"))
+    yield log
+    log.close()
+
+
+def test_syslog_socket_that_stops_reading_blocks_nothing(spawn, tmp_path: Path, syslog: socket.socket) -> None:
+    log = syslog
     log.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     prefix = in_mount_namespace(dev_with_log_socket(tmp_path, tmp_path / "syslog.sock"))
     # At debug level each read is logged whole: 200 reads of 32 KiB pass the queue's 4 MiB bound.
@@ -316,7 +336,6 @@ def test_syslog_socket_that_stops_reading_blocks_nothing(spawn, tmp_path: Path) 
     reader.join(timeout=STOP_BOUND_S + 5)
     assert (status, reader.fins) == (0, [True] * 20)  # type: ignore[attr-defined]
     assert took_s < STOP_BOUND_S
-    log.close()
 
 
 # -- 2. SIGUSR1 when the log file can't be reopened --------------------------------------------
@@ -328,6 +347,7 @@ def _file_config(log_file: Path, workers: int = 1) -> str:
 
 def _held_client(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    _held.append(sock)
     sock.sendall(b"before\n")
     assert recv_lines(sock, 1)[0].endswith(b"] before")
     return sock
@@ -513,9 +533,9 @@ def test_reload_to_syslog_without_dev_log_keeps_the_running_config(spawn, tmp_pa
     assert d.stop()[0] == 0
 
 
-def test_syslog_that_goes_away_drops_and_counts_without_a_traceback_each(spawn, tmp_path: Path) -> None:
-    log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    log.bind(str(tmp_path / "syslog.sock"))
+def test_syslog_that_goes_away_drops_and_counts_without_a_traceback_each(spawn, tmp_path: Path,
+                                                                          syslog: socket.socket) -> None:
+    log = syslog
     d = spawn(config_text(log_target="syslog"),
               prefix=in_mount_namespace(dev_with_log_socket(tmp_path, tmp_path / "syslog.sock")))
     log.settimeout(10)
