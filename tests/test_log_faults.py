@@ -213,14 +213,18 @@ class PausableFifo:
         self.data = bytearray()
         self.reading = threading.Event()
         self.reading.set()
+        self.idle = threading.Event()  # set by the reader while it is paused
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._read, name="test-fifo-reader", daemon=True)
         self.thread.start()
 
     def _read(self) -> None:
         while not self.done.is_set():
-            if not self.reading.wait(0.05):
+            if not self.reading.is_set():
+                self.idle.set()
+                self.reading.wait(0.05)
                 continue
+            self.idle.clear()
             if select.select([self.read_fd], [], [], 0.05)[0]:
                 try:
                     chunk = os.read(self.read_fd, 65536)
@@ -237,8 +241,9 @@ class PausableFifo:
         return bytes(self.data).decode(errors="replace")
 
     def pause(self) -> None:
+        self.idle.clear()
         self.reading.clear()
-        time.sleep(0.06)  # let a read in progress finish (the reader checks every 50 ms)
+        assert self.idle.wait(5), "the FIFO reader did not pause"
 
     def resume(self) -> None:
         self.reading.set()
