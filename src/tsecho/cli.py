@@ -27,7 +27,8 @@ from .daemonize import ParentOutcome, StartupReport, detach, refuse_under_system
 from .logsetup import configure_logging, log_fds, log_file_stream, stderr_is_journal
 from .pidfile import PidFile, StartupError
 from .privileges import drop_privileges
-from .server import THREAD_STACK_BYTES, ListenError, open_servers
+from .metrics import bind_metrics
+from .server import THREAD_STACK_BYTES, ListenError, listen_error, open_servers
 from .service import Service, SystemdReporter, block_signals
 from .state import ServerState
 from .supervisor import Supervisor
@@ -39,6 +40,8 @@ EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_CONFIG: Final = 78
+# The FileDescriptorName= of a socket-activated metrics endpoint (docs/operations.md, Metrics).
+METRICS_FD_NAME: Final = "metrics"
 
 # Flag values as typed, by Config field; config.py parses them like environment values.
 Overrides = Mapping[str, str | Sequence[str]]
@@ -178,7 +181,17 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
         pidfile = stack.enter_context(PidFile(config.pid_file)) if config.pid_file else None
         state = ServerState(config)
         stack.callback(state.close)
-        inherited = systemd.listen_fds(os.environ)
+        named = systemd.listen_fds_with_names(os.environ)
+        # FileDescriptorName=metrics marks the metrics endpoint's socket; every other one serves echo.
+        inherited = [sock for name, sock in named if name != METRICS_FD_NAME]
+        metrics_socket = next((sock for name, sock in named if name == METRICS_FD_NAME), None)
+        if metrics_socket is None and config.metrics_listen is not None:
+            try:
+                metrics_socket = bind_metrics(config.metrics_listen)
+            except OSError as err:
+                raise listen_error(config.metrics_listen, err, what="metrics_listen") from err
+        if metrics_socket is not None:
+            stack.callback(metrics_socket.close)
         servers = open_servers(config, state, inherited)
         for server in servers:
             stack.callback(server.server_close)
@@ -189,6 +202,8 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
                 logger.warning("--daemon with log_target = \"stderr\": logs are discarded once detached; "
                                "set log_target = \"file\" or \"syslog\"")
             fds = [*(s.fileno() for s in servers), *log_fds(), *state.fds()]
+            if metrics_socket is not None:
+                fds.append(metrics_socket.fileno())
             outcome = detach(fds, log_file_stream(), pidfile=pidfile)
             if isinstance(outcome, ParentOutcome):  # the process the user started
                 if not outcome.started:
@@ -206,8 +221,8 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
         reporter = SystemdReporter(watchdog_s=systemd.watchdog_interval_s(environ),
                                    on_ready=startup.ready if startup is not None else None)
         if config.workers > 1:
-            return Supervisor(config, [s.socket for s in servers], load, reporter).run()
-        return Service(servers, state, load, reporter).run_until_stopped()
+            return Supervisor(config, [s.socket for s in servers], load, reporter, metrics_socket).run()
+        return Service(servers, state, load, reporter, metrics_socket).run_until_stopped()
 
 
 def raise_fd_limit() -> None:

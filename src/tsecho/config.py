@@ -86,6 +86,7 @@ class Config:
     idle_timeout_s: float = 300.0
     shutdown_timeout_s: float = 10.0
     workers: int = 1  # "auto" in the file is resolved to os.cpu_count()
+    metrics_listen: ListenAddress | None = None  # off unless set (docs/operations.md, Metrics)
     # [echo]
     timestamp: str = "ctime"
     utc: bool = False
@@ -356,6 +357,13 @@ def _listen_tuple(items: Iterable[str]) -> tuple[ListenAddress, ...]:
     return tuple(seen)
 
 
+def _check_metrics_listen(value: object) -> object:
+    reason = 'must be one "host:port" string, e.g. "127.0.0.1:9809"'
+    if not isinstance(value, str):
+        raise _wrong_type(reason, value)
+    return parse_listen(value.strip())
+
+
 def _make_key(
     name: str,
     section: str,
@@ -388,6 +396,11 @@ KEYS: Final[tuple[Key, ...]] = (
               "on SIGTERM, wait at most this long for connections to finish"),
     _make_key("workers", "server", "integer or \"auto\"", _workers_key(),
               'worker processes; "auto" = number of CPUs', flag=True, reloadable=False),
+    Key(
+        "metrics_listen", "server", "address", '"host:port" or "[ipv6]:port"; not set = no metrics endpoint',
+        "serve Prometheus metrics (GET /metrics) on this address; off unless set",
+        _check_metrics_listen, _check_metrics_listen, flag=True, reloadable=False,
+    ),
     # [echo]
     Key(
         "timestamp", "echo", "string",

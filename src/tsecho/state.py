@@ -4,8 +4,9 @@
 connections, and handler.py, which serves one; both import this module and
 neither imports the other for it. Each admitted connection gets a
 ``Connection``: its own figures, written only by the thread that serves it.
-The counters live here, once: systemd's STATUS=, the logs and the supervisor's
-sums all read them through ``ServerState.figures()``, so they always agree.
+The counters live here, once: systemd's STATUS=, the logs, the supervisor's
+sums and the metrics endpoint all read them through ``ServerState.figures()``,
+so they always agree. ``Reloads`` counts how SIGHUPs went, for the metrics.
 """
 
 from __future__ import annotations
@@ -93,6 +94,30 @@ class Figures:
         return cls.from_vector(sums)
 
 
+class Reloads:
+    """How this process's reloads (SIGHUP) went: what the metrics endpoint reports.
+
+    Written only by the process-control loop's thread (``handle_hup``), read by
+    the metrics thread; each attribute is read whole.
+    """
+
+    __slots__ = ("ok", "failed", "last_at", "last_ok")
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.failed = 0
+        self.last_at = 0.0  # time.time() of the last reload; 0 before the first
+        self.last_ok = True
+
+    def record(self, ok: bool, now: float) -> None:
+        if ok:
+            self.ok += 1
+        else:
+            self.failed += 1
+        self.last_ok = ok
+        self.last_at = now
+
+
 class ServerState:
     """What all listeners and connections of one process share.
 
@@ -119,6 +144,7 @@ class ServerState:
         self._ended = [0, 0, 0]  # lines, bytes_in, bytes_out of connections that have ended
         self._refused_unlogged = 0
         self._refusal_window_start = time.monotonic()
+        self.reloads = Reloads()
 
     def fds(self) -> list[int]:
         """The descriptors this state holds open (a daemonizing step must keep them)."""
