@@ -127,14 +127,11 @@ def render(figures: Figures, reloads: Reloads, pids: Sequence[int], workers: int
 
 
 def _boot_time_s() -> float:
-    with open("/proc/stat", "rb") as stat:
-        for line in stat:
-            if line.startswith(b"btime "):
-                return float(line.split()[1])
-    return 0.0
+    """Unix time of the boot, which /proc/PID/stat's start times count from.
 
-
-_BOOT_TIME_S: Final = _boot_time_s()
+    From the clocks, not /proc/stat's btime: the unit's ProcSubset=pid hides /proc/stat.
+    """
+    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def _read_process(pid: int) -> tuple[float, int, int, int, float] | None:
@@ -149,7 +146,7 @@ def _read_process(pid: int) -> tuple[float, int, int, int, float] | None:
     # proc(5) numbers the fields from 1, and fields[0] is field 3 (state).
     cpu_s = (int(fields[11]) + int(fields[12])) / _CLK_TCK
     threads = int(fields[17])
-    started = _BOOT_TIME_S + int(fields[19]) / _CLK_TCK
+    started = _boot_time_s() + int(fields[19]) / _CLK_TCK
     rss = int(fields[21]) * _PAGE_BYTES
     return cpu_s, rss, fds, threads, started
 
