@@ -1,5 +1,8 @@
 """The ``tsechod`` command: parse arguments, start up in order, pick the exit code.
 
+``--stdio`` (stdio.py) takes one connection on fd 0/1 from a superserver instead:
+block signals -> take fds 0 and 1 -> config -> logging -> serve it -> exit.
+
 Startup order, so that every error reaches a terminal or the journal:
 block signals -> load and validate config -> configure logging -> lock the pid
 file -> bind the listeners -> detach (only with --daemon) -> write the pid file
@@ -31,6 +34,7 @@ from .metrics import bind_metrics
 from .server import THREAD_STACK_BYTES, ListenError, listen_error, open_servers
 from .service import Service, SystemdReporter, block_signals
 from .state import ServerState
+from .stdio import serve_stdio, stdio_log_config, take_stdio
 from .supervisor import Supervisor
 from .tomlwriter import toml_value
 
@@ -73,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="config file (default: $TSECHOD_CONFIG, else /etc/tsechod/tsechod.toml if it exists)")
     parser.add_argument("--daemon", action="store_true",
                         help="detach into the background (classic daemon; not under systemd)")
+    parser.add_argument("--stdio", action="store_true",
+                        help="serve one connection on fd 0/fd 1 and exit (inetd, xinetd, tcpserver, "
+                             "systemd Accept=yes)")
     parser.add_argument("--version", action="version", version=f"tsechod {__version__}")
     group = parser.add_argument_group("config overrides")
     for key in KEYS:
@@ -106,6 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check-config":
             return check_config(args.config, environ, overrides)
+        if args.stdio:
+            if args.daemon:
+                raise UsageError("--stdio and --daemon exclude each other: --stdio serves one connection "
+                                 "for a superserver, in the foreground")
+            return run_stdio(args.config, environ, overrides)
         return run(args.config, environ, overrides, daemon=args.daemon)
     except ConfigError as err:
         if debug:
@@ -223,6 +235,19 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
         if config.workers > 1:
             return Supervisor(config, [s.socket for s in servers], load, reporter, metrics_socket).run()
         return Service(servers, state, load, reporter, metrics_socket).run_until_stopped()
+
+
+def run_stdio(explicit: str | None, environ: Mapping[str, str], overrides: Overrides) -> int:
+    """``--stdio``: take fds 0 and 1 first (so nothing else writes to the peer), then config, logs, serve."""
+    block_signals()
+    stdio = take_stdio(environ)
+    config = load_config(find_config_path(explicit, environ), environ, overrides)
+    config = stdio_log_config(config, stdio)
+    try:
+        configure_logging(config, environ)
+    except OSError as err:
+        raise OSError(f"cannot open log file {config.log_file}: {err.strerror or err}") from err
+    return serve_stdio(config, stdio)
 
 
 def raise_fd_limit() -> None:

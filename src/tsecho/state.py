@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Final
+from typing import Final, Protocol
 
 from .address import peer_name
 from .config import Config
@@ -34,6 +34,22 @@ REFUSAL_REASONS: Final = ("busy", "per-address")
 FIGURES_SIZE: Final = 5 + len(REFUSAL_REASONS) + len(CLOSE_REASONS)
 
 
+class Stream(Protocol):
+    """What a connection's I/O needs: a socket, or handler.Pipes (tsechod --stdio on two fds).
+
+    The calls behave as a non-blocking socket's do: BlockingIOError when nothing
+    can be read or written now, b"" at the end of input, and shutdown(SHUT_WR)
+    sends the end of output.
+    """
+
+    def fileno(self) -> int: ...
+    def setblocking(self, flag: bool, /) -> None: ...
+    def recv(self, bufsize: int, /) -> bytes: ...
+    def send(self, data: bytes | memoryview, /) -> int: ...
+    def shutdown(self, how: int, /) -> None: ...
+    def close(self) -> None: ...
+
+
 class Connection:
     """One admitted connection: who it is and what it did.
 
@@ -44,7 +60,7 @@ class Connection:
 
     __slots__ = ("sock", "peer", "ip", "started", "lines", "bytes_in", "bytes_out", "reason")
 
-    def __init__(self, sock: socket.socket, address: tuple[str, int]) -> None:
+    def __init__(self, sock: Stream, address: tuple[str, int]) -> None:
         self.sock = sock
         self.peer = peer_name(address)
         self.ip = address[0]
@@ -136,7 +152,7 @@ class ServerState:
         self._stop_r, self._stop_w = os.pipe()
         self._lock = threading.Lock()
         self._all_closed = threading.Condition(self._lock)
-        self._live: dict[socket.socket, Connection] = {}
+        self._live: dict[Stream, Connection] = {}
         self._per_ip: collections.Counter[str] = collections.Counter()
         self._accepted = 0
         self._refused = [0] * len(REFUSAL_REASONS)
