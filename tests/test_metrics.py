@@ -13,6 +13,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -20,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import daemon_env
 from helpers import recv_all, recv_lines, require_tool, wait_until
 
 METRICS = '[server]\nmetrics_listen = "127.0.0.1:0"\n'
@@ -106,10 +108,18 @@ def test_only_get_or_head_of_metrics_is_served_and_requests_are_bounded(tsechod)
         sock.sendall(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 65536)
         assert recv_all(sock).startswith(b"HTTP/1.1 400 ")
     started = time.monotonic()
-    with socket.create_connection((host, port), timeout=10) as silent:  # says nothing: cut after 5 s
-        assert recv_all(silent, timeout=10) == b""  # closed without an answer
-    assert 4 < time.monotonic() - started < 8
-    assert scrape(url).startswith("# HELP")  # still serving
+    silent = [socket.create_connection((host, port), timeout=10) for _ in range(4)]  # say nothing
+    try:
+        with socket.create_connection((host, port), timeout=5) as fifth:  # every slot taken: 503 at once
+            assert recv_all(fifth).startswith(b"HTTP/1.1 503 ")
+        assert time.monotonic() - started < 3
+        for sock in silent:  # each cut after 5 s without an answer
+            assert recv_all(sock, timeout=10) == b""
+        assert 4 < time.monotonic() - started < 9
+    finally:
+        for sock in silent:
+            sock.close()
+    assert scrape(url).startswith("# HELP")  # and serving again
 
 
 def test_reloads_are_counted_and_a_failed_one_shows(tsechod) -> None:
@@ -186,6 +196,9 @@ def test_prometheus_scrapes_two_workers_and_agrees_with_status_and_the_clients(t
             assert query('sum(tsechod_connections_closed_total{reason="eof"})') == 12
             assert query("tsechod_workers") == 2
             assert query('up{job="tsechod"}') == 1
+            d.send(signal.SIGHUP)  # the supervisor reloads first: its count is the one shown
+            d.wait_for_log(r"reloaded config", count=2)
+            assert samples(scrape(url))['tsechod_reloads_total{result="ok"}'] == 1
         finally:
             prom.terminate()
             prom.wait(timeout=15)
@@ -202,3 +215,30 @@ def test_the_documented_alert_rules_pass_promtool(tmp_path: Path) -> None:
     check = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "SUCCESS: 3 rules found" in check.stdout
+
+
+def test_a_socket_named_metrics_by_systemd_serves_the_metrics(tmp_path: Path) -> None:
+    """Socket activation: FileDescriptorName=metrics is the endpoint's socket, the other one echoes."""
+    from test_systemd import WRAPPER  # the LISTEN_FDS/LISTEN_FDNAMES wrapper those tests use
+
+    config = tmp_path / "tsechod.toml"
+    config.write_text('[server]\nlisten = ["127.0.0.1:0"]\n')
+    with socket.create_server(("127.0.0.1", 0)) as echo, socket.create_server(("127.0.0.1", 0)) as metrics:
+        fds = f"{echo.fileno()},{metrics.fileno()}"
+        env = {k: v for k, v in daemon_env().items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
+        with subprocess.Popen([sys.executable, "-c", WRAPPER, "tsechod:metrics", fds, sys.executable, "-m",
+                               "tsecho.cli", "--config", str(config)],
+                              pass_fds=[echo.fileno(), metrics.fileno()], env=env, stderr=subprocess.PIPE,
+                              text=True) as proc:
+            try:
+                assert proc.stderr is not None
+                lines = [proc.stderr.readline() for _ in range(2)]
+                port = metrics.getsockname()[1]
+                assert f"metrics on http://127.0.0.1:{port}/metrics" in "".join(lines), lines
+                say_lines(echo.getsockname()[:2], 3)
+                assert samples(scrape(f"http://127.0.0.1:{port}/metrics"))["tsechod_lines_total"] == 3
+                proc.terminate()
+                rest = proc.communicate(timeout=15)[1]
+                assert proc.returncode == 0 and "listening on" not in rest
+            finally:
+                proc.kill()

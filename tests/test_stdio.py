@@ -101,6 +101,27 @@ def test_closed_stdin_is_a_failure_in_one_line(config: Path) -> None:
     assert proc.stderr.decode().startswith("tsechod: --stdio: fd 0 and fd 1 must be open")
 
 
+def test_stdio_and_daemon_together_are_a_usage_error(config: Path) -> None:
+    proc = subprocess.run([*TSECHOD, "--daemon", "--config", str(config)], stdin=subprocess.DEVNULL,
+                          capture_output=True, env=daemon_env(), timeout=10)
+    assert (proc.returncode, proc.stdout) == (2, b"")
+    assert proc.stderr.decode().startswith("tsechod: --stdio and --daemon exclude each other")
+
+
+def test_no_log_line_reaches_the_peer_when_stderr_is_the_connection(config: Path) -> None:
+    """As under inetd and xinetd: fd 2 is the connection too. The peer must see replies only."""
+    socat = require_tool("socat")
+    config.write_text('[log]\nlog_level = "debug"\n')  # a log line for every read, were it to leak
+    command = " ".join([*TSECHOD, "--config", str(config)])
+    proc = subprocess.run([socat, "-", f"EXEC:{command},stderr"], input=b"one\ntwo\n", capture_output=True,
+                          env=daemon_env(), cwd=REPO, timeout=20)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.split(b"\n")
+    assert lines.pop() == b""
+    assert [CTIME_REPLY.sub(b"", line) for line in lines] == [b"one", b"two"], proc.stdout
+    assert proc.stderr == b""
+
+
 # -- superservers -------------------------------------------------------------------------
 
 

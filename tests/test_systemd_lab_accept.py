@@ -5,7 +5,10 @@ tsechod-accept.socket and tsechod-accept@.service without enabling them; here th
 started in place of tsechod.socket (they conflict: same port), nc talks to it, the journal has
 the access event with the peer, and MaxConnectionsPerSource= (lowered by a drop-in, so that
 the test needs three connections, not 65) turns the extra connection away: closed without a
-reply, counted in the socket's NRefused, no third instance. At the end the
+reply, counted in the socket's NRefused, no third instance.
+
+It also scrapes the metrics endpoint of the hardened tsechod.service (ProtectProc=invisible,
+ProcSubset=pid: the process figures come from /proc), which only a real unit can show. At the end the
 daemon's units are back as install.sh left them.
 """
 
@@ -15,14 +18,17 @@ import re
 import socket
 import subprocess
 import time
+import urllib.request
 
 import pytest
 from helpers import require_tool
-from test_systemd_lab import CTIME_REPLY, PORT, TIMEOUT_S, Lab, connect, lab, recv_line, round_trip  # noqa: F401
+from test_systemd_lab import (CTIME_REPLY, PORT, TIMEOUT_S, Lab, connect, lab, recv_line, round_trip,  # noqa: F401
+                              set_key)
 
 pytestmark = pytest.mark.systemd
 
 DROPIN = "/etc/systemd/system/tsechod-accept.socket.d/test.conf"
+METRICS_PORT = 9809
 
 
 def accept_journal(lab: Lab, after: str, pattern: str, unit: str = "tsechod-accept@*") -> str:
@@ -91,3 +97,28 @@ def test_accept_socket_serves_each_connection_with_its_own_tsechod(lab: Lab) -> 
     lab.wait_active()
     with connect() as sock:  # the daemon is back
         assert CTIME_REPLY.match(round_trip(sock, b"daemon again"))
+
+
+def test_metrics_of_the_hardened_service(lab: Lab) -> None:
+    promtool = require_tool("promtool")
+    good = lab.read_config()
+    lab.write_config(set_key(good, "metrics_listen", f'"127.0.0.1:{METRICS_PORT}"'))
+    try:
+        lab.run("systemctl", "restart", "tsechod.service")
+        lab.wait_active()
+        with connect() as sock:
+            for n in range(3):
+                assert CTIME_REPLY.match(round_trip(sock, b"counted %d" % n))
+        with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=TIMEOUT_S) as response:
+            page = response.read().decode()
+        check = subprocess.run([promtool, "check", "metrics"], input=page, capture_output=True, text=True, timeout=30)
+        assert (check.returncode, check.stdout, check.stderr) == (0, "", ""), page
+        values = {m[0]: float(m[1]) for m in re.findall(r"(?m)^(\w+) (\S+)$", page)}
+        assert values["tsechod_lines_total"] == 3  # counted from the restart on
+        assert values["process_open_fds"] > 3 and values["process_threads"] >= 2
+        assert values["process_resident_memory_bytes"] > 1 << 20
+        assert abs(values["process_start_time_seconds"] - time.time()) < 120
+    finally:
+        lab.write_config(good)
+        lab.run("systemctl", "restart", "tsechod.service")
+    lab.wait_active()
