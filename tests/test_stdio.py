@@ -101,6 +101,23 @@ def test_closed_stdin_is_a_failure_in_one_line(config: Path) -> None:
     assert proc.stderr.decode().startswith("tsechod: --stdio: fd 0 and fd 1 must be open")
 
 
+def test_the_fds_are_left_blocking_as_they_were_for_the_shell_that_shares_them(config: Path) -> None:
+    """O_NONBLOCK belongs to the open file: a terminal's would stay non-blocking for the shell."""
+    read_in, write_in = os.pipe()
+    read_out, write_out = os.pipe()
+    try:
+        os.write(write_in, b"hi\n")
+        os.close(write_in)
+        proc = subprocess.run([*TSECHOD, "--config", str(config)], stdin=read_in, stdout=write_out,
+                              stderr=subprocess.DEVNULL, env=daemon_env(), timeout=10)
+        assert proc.returncode == 0
+        assert os.get_blocking(read_in) and os.get_blocking(write_out)  # the same open files as the child's
+        assert CTIME_REPLY.match(os.read(read_out, 4096))
+    finally:
+        for fd in (read_in, read_out, write_out):
+            os.close(fd)
+
+
 def test_stdio_and_daemon_together_are_a_usage_error(config: Path) -> None:
     proc = subprocess.run([*TSECHOD, "--daemon", "--config", str(config)], stdin=subprocess.DEVNULL,
                           capture_output=True, env=daemon_env(), timeout=10)

@@ -75,6 +75,9 @@ class Pipes:
         self.read_fd = read_fd
         self.write_fd = write_fd
         self._write_open = True
+        # O_NONBLOCK belongs to the open file, which a terminal shares with the shell that
+        # started us: it is put back as it was before each fd is closed.
+        self._blocking = (os.get_blocking(read_fd), os.get_blocking(write_fd))
 
     def fileno(self) -> int:
         return self.read_fd  # what poll() waits on to read; write_fileno() to write
@@ -95,11 +98,13 @@ class Pipes:
     def shutdown(self, how: int, /) -> None:
         if how in (socket.SHUT_WR, socket.SHUT_RDWR) and self._write_open:
             self._write_open = False
+            os.set_blocking(self.write_fd, self._blocking[1])
             os.close(self.write_fd)
 
     def close(self) -> None:
         self.shutdown(socket.SHUT_WR)
         if self.read_fd >= 0:
+            os.set_blocking(self.read_fd, self._blocking[0])
             os.close(self.read_fd)
             self.read_fd = -1
 
