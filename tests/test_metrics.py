@@ -24,6 +24,8 @@ import pytest
 from conftest import daemon_env
 from helpers import recv_all, recv_lines, require_tool, wait_until
 
+from tsecho.state import CLOSE_REASONS, REFUSAL_REASONS
+
 METRICS = '[server]\nmetrics_listen = "127.0.0.1:0"\n'
 SAMPLE = re.compile(r"^(\w+)(\{[^}]*\})? (\S+)$", re.M)
 
@@ -79,6 +81,11 @@ def test_the_page_passes_promtool_and_counts_what_clients_did(tsechod, tmp_path:
     check = subprocess.run([promtool, "check", "metrics"], input=page, capture_output=True, text=True, timeout=30)
     assert (check.returncode, check.stdout, check.stderr) == (0, "", ""), page
     got = samples(page)
+    # Every reason state.py knows, the ones later features add included, has its series.
+    assert [k for k in got if k.startswith("tsechod_connections_closed_total")] == [
+        f'tsechod_connections_closed_total{{reason="{r}"}}' for r in CLOSE_REASONS]
+    assert [k for k in got if k.startswith("tsechod_connections_refused_total")] == [
+        f'tsechod_connections_refused_total{{reason="{r}"}}' for r in REFUSAL_REASONS]
     assert got["tsechod_lines_total"] == 12
     assert got["tsechod_connections"] == 2
     assert got["tsechod_connections_accepted_total"] == 5
