@@ -64,8 +64,10 @@ ALL_SERVERS: Final = ("tsechod", "tutorial", "asyncio", "uvloop", "c-epoll")
 # Variants of tsechod for a same-run comparison, only when named in --servers:
 # tsechod-metrics: metrics_listen on, scraped every SCRAPE_EVERY_S during the run (docs/performance.md);
 # tsechod-baseline: tsechod from another source tree (--baseline-src, e.g. `git archive main`), to
-# show that a change leaves the per-line path as fast as it was.
-VARIANTS: Final = ("tsechod-metrics", "tsechod-baseline")
+# show that a change leaves the per-line path as fast as it was; tsechod-candidate: this tree,
+# started exactly as tsechod-baseline is (python -m, PYTHONPATH), its fair counterpart: the
+# console script and `python -m` measured apart by more than the noise (docs/performance.md).
+VARIANTS: Final = ("tsechod-metrics", "tsechod-baseline", "tsechod-candidate")
 SCRAPE_EVERY_S: Final = 1.0
 
 
@@ -253,7 +255,8 @@ class Server:
         if self.name in ("tsechod", *VARIANTS):
             config = self.tmp / "tsechod.toml"
             config.write_text(TSECHOD_CONFIG)
-            program = [PYTHON, "-m", "tsecho.cli"] if self.name == "tsechod-baseline" else [str(TSECHOD)]
+            by_module = self.name in ("tsechod-baseline", "tsechod-candidate")
+            program = [PYTHON, "-m", "tsecho.cli"] if by_module else [str(TSECHOD)]
             cmd = [*program, "--config", str(config), "--listen", "127.0.0.1:0", "--log-level", "warning"]
             if self.workers != 1:
                 cmd += ["--workers", str(self.workers)]
@@ -283,6 +286,8 @@ class Server:
                 if self.baseline_src is None:
                     raise BenchError("tsechod-baseline needs --baseline-src DIR (a tree with src/tsecho)")
                 env = {**os.environ, "PYTHONPATH": str(self.baseline_src / "src")}
+            elif self.name == "tsechod-candidate":
+                env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
             self.proc = subprocess.Popen(
                 self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=self.tmp, start_new_session=True, env=env,
