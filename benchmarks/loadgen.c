@@ -62,6 +62,7 @@ static struct {
     int ts_any;      /* accept any timestamp text, not only ctime's shape */
     int spin;        /* poll epoll without sleeping */
     int src_ips;     /* > 1: spread connections over 127.0.0.2 .. 127.0.0.(src_ips+1) */
+    int proxy_header; /* 1 or 2: start every connection with a PROXY v1/v2 header (tsechod's PROXY listener) */
     const char *label;
 } opt;
 
@@ -405,9 +406,22 @@ static uint32_t next_id;
 static double setup_s; /* time to set up all connections */
 static int64_t hold_second_done_t;
 
+/* A PROXY header naming client 192.0.2.1:1 (one address: limits per address are the server's
+ * business), sent alone before the first line, as a load balancer does. On a fresh socket the
+ * send buffer is empty, so these few bytes go out whole. */
+static void send_proxy_header(conn_t *c) {
+    static const char v1[] = "PROXY TCP4 192.0.2.1 127.0.0.1 1 8009\r\n";
+    static const unsigned char v2[28] = {0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
+                                         0x21, 0x11, 0x00, 0x0C, 192, 0, 2, 1, 127, 0, 0, 1, 0, 1, 0x1F, 0x49};
+    const void *h = opt.proxy_header == 1 ? (const void *)v1 : (const void *)v2;
+    size_t n = opt.proxy_header == 1 ? sizeof v1 - 1 : sizeof v2;
+    if (send(c->fd, h, n, MSG_NOSIGNAL) != (ssize_t)n) st.closed_early++;
+}
+
 static void on_connected(conn_t *c) {
     set_state(c, S_ACTIVE);
     ep_set(c, EPOLLIN);
+    if (opt.proxy_header) send_proxy_header(c);
     start_batch(c, 1); /* the first line: during set-up, or connrate's only one */
 }
 
@@ -608,7 +622,7 @@ static void usage(void) {
             "usage: loadgen --port P [--host 127.0.0.1] --workload pingpong|pipeline|connrate|hold\n"
             "               [--conns N] [--duration S] [--warmup S] [--grace S] [--lines N]\n"
             "               [--payload BYTES] [--idle S] [--concurrency N] [--setup-timeout S]\n"
-            "               [--ts-any] [--spin] [--src-ips N] [--label TEXT]\n");
+            "               [--ts-any] [--spin] [--src-ips N] [--proxy-header 1|2] [--label TEXT]\n");
     exit(2);
 }
 
@@ -630,7 +644,8 @@ int main(int argc, char **argv) {
         {"host", 1, 0, 'h'},    {"port", 1, 0, 'p'},     {"workload", 1, 0, 'w'},      {"conns", 1, 0, 'c'},
         {"duration", 1, 0, 'd'}, {"warmup", 1, 0, 'W'},  {"grace", 1, 0, 'g'},         {"lines", 1, 0, 'l'},
         {"payload", 1, 0, 's'}, {"idle", 1, 0, 'i'},     {"concurrency", 1, 0, 'C'},   {"setup-timeout", 1, 0, 'T'},
-        {"ts-any", 0, 0, 'a'},  {"spin", 0, 0, 'S'}, {"src-ips", 1, 0, 'I'},  {"label", 1, 0, 'L'},    {0, 0, 0, 0}};
+        {"ts-any", 0, 0, 'a'},  {"spin", 0, 0, 'S'}, {"src-ips", 1, 0, 'I'},  {"label", 1, 0, 'L'},
+        {"proxy-header", 1, 0, 'P'}, {0, 0, 0, 0}};
     int ch;
     while ((ch = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
         switch (ch) {
@@ -656,6 +671,7 @@ int main(int argc, char **argv) {
         case 'S': opt.spin = 1; break;
         case 'I': opt.src_ips = atoi(optarg); break;
         case 'L': opt.label = optarg; break;
+        case 'P': opt.proxy_header = atoi(optarg); if (opt.proxy_header < 1 || opt.proxy_header > 2) usage(); break;
         default: usage();
         }
     }

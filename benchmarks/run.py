@@ -61,6 +61,20 @@ max_connections_per_ip = 20000
 """
 
 ALL_SERVERS: Final = ("tsechod", "tutorial", "asyncio", "uvloop", "c-epoll")
+# Only when asked for (--servers): tsechod with its listener behind the PROXY protocol, the
+# generator sending a v1 or v2 header first on every connection (what the header costs).
+PROXY_SERVERS: Final = {"tsechod-proxy-v1": 1, "tsechod-proxy-v2": 2}
+# tsechod-access: 20 rules that don't match 127.0.0.1, then "allow all"; a rate it never reaches.
+ACCESS_CHECKS: Final = (
+    "connection_rate_per_ip = 1000000\nconnection_burst_per_ip = 1000000\n[access]\nrules = ["
+    + ", ".join(f'"deny 10.{i}.0.0/16"' for i in range(20)) + ', "allow all"]\n'
+)
+PROXY_LISTENER: Final = """
+[[listener]]
+address = "127.0.0.1:0"
+proxy_protocol = "v{version}"
+proxy_trusted = ["127.0.0.0/8"]
+"""
 # Variants of tsechod for a same-run comparison, only when named in --servers:
 # tsechod-metrics: metrics_listen on, scraped every SCRAPE_EVERY_S during the run (docs/performance.md);
 # tsechod-baseline: tsechod from another source tree (--baseline-src, e.g. `git archive main`), to
@@ -252,7 +266,15 @@ class Server:
         self._scraper: threading.Thread | None = None
 
     def command(self) -> list[str]:
-        if self.name in ("tsechod", *VARIANTS):
+        if self.name in PROXY_SERVERS:
+            config = self.tmp / f"{self.name}.toml"
+            config.write_text(TSECHOD_CONFIG + PROXY_LISTENER.format(version=PROXY_SERVERS[self.name]))
+            cmd = [str(TSECHOD), "--config", str(config), "--log-level", "warning"]
+        elif self.name == "tsechod-access":  # rules and rate on, never refusing
+            config = self.tmp / "tsechod-access.toml"
+            config.write_text(TSECHOD_CONFIG + ACCESS_CHECKS)
+            cmd = [str(TSECHOD), "--config", str(config), "--listen", "127.0.0.1:0", "--log-level", "warning"]
+        elif self.name in ("tsechod", *VARIANTS):
             config = self.tmp / "tsechod.toml"
             config.write_text(TSECHOD_CONFIG)
             by_module = self.name in ("tsechod-baseline", "tsechod-candidate")
@@ -348,6 +370,8 @@ def run_cell(wl: Workload, server: Server, args: argparse.Namespace, label: str)
     ]
     if args.spin:
         cmd.append("--spin")
+    if server.name in PROXY_SERVERS:
+        cmd += ["--proxy-header", str(PROXY_SERVERS[server.name])]
     if args.pin:
         cmd = ["taskset", "-c", "1"] + cmd
     assert server.proc is not None
@@ -602,9 +626,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
-    unknown = [s for s in servers if s not in (*ALL_SERVERS, *VARIANTS)]
+    known = (*ALL_SERVERS, *PROXY_SERVERS, "tsechod-access", *VARIANTS)
+    unknown = [s for s in servers if s not in known]
     if unknown:
-        parser.error(f"unknown server(s) {', '.join(unknown)}; choose from {', '.join((*ALL_SERVERS, *VARIANTS))}")
+        parser.error(f"unknown server(s) {', '.join(unknown)}; choose from {', '.join(ALL_SERVERS)} "
+                     f"(and, for the cost of their checks, {', '.join(PROXY_SERVERS)}, tsechod-access; "
+                     f"for same-run comparisons, {', '.join(VARIANTS)})")
     wls = workloads(args.quick)
     names = [w.name for w in wls] + ["workers"]
     for only in args.only:

@@ -168,3 +168,11 @@ def server_factory() -> Iterator[Callable[..., EchoServer]]:
 @pytest.fixture
 def server(server_factory: Callable[..., EchoServer]) -> EchoServer:
     return server_factory()
+
+
+@pytest.fixture(scope="session")
+def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """Certificates for the TLS tests (tlscerts.Certs), made once per session."""
+    from tlscerts import make_certs  # here, not at the top: only TLS tests need trustme
+
+    return make_certs(tmp_path_factory.mktemp("tls"))

@@ -21,6 +21,7 @@ from tsecho.config import (
     DEFAULT_CONFIG_PATH,
     KEYS,
     KEYS_BY_NAME,
+    LISTENER_KEYS,
     Key,
     SECTIONS,
     Config,
@@ -78,7 +79,7 @@ def test_no_file_and_empty_environment_give_defaults() -> None:
 
 
 def test_keys_registry_covers_every_config_field_once() -> None:
-    assert [key.name for key in KEYS] == list(Config.__dataclass_fields__)
+    assert [key.name for key in KEYS] == [name for name in Config.__dataclass_fields__ if name != "listeners"]
     assert {key.section for key in KEYS} == set(SECTIONS)
     for key in KEYS:
         assert key.default == getattr(Config(), key.name)
@@ -94,13 +95,20 @@ def test_shipped_config_file_mentions_every_key_in_its_section() -> None:
     text = SHIPPED.read_text(encoding="utf-8")
     section = None
     seen: dict[str, str] = {}
+    listener_keys: list[str] = []
     for line in text.splitlines():
         if m := re.fullmatch(r"\[(\w+)\]", line):
             section = m.group(1)
+        elif re.fullmatch(r"#? ?\[\[listener\]\]", line):
+            section = "[[listener]]"
         elif m := re.match(r"#? ?(\w+) = ", line):
             assert section is not None
-            seen[m.group(1)] = section
+            if section == "[[listener]]":
+                listener_keys.append(m.group(1))
+            else:
+                seen[m.group(1)] = section
     assert seen == {key.name: key.section for key in KEYS}
+    assert listener_keys == [key.name for key in LISTENER_KEYS]
 
 
 def test_shipped_config_file_has_a_comment_before_every_key() -> None:
@@ -119,6 +127,8 @@ def _docs_rows() -> dict[str, list[str]]:
     for line in DOCS.read_text(encoding="utf-8").splitlines():
         if m := re.fullmatch(r"### \[(\w+)\]", line):
             section = m.group(1)
+        elif line == "### [[listener]]":
+            section = None  # _listener_docs_rows
         elif line.startswith("| `") and section is not None:
             cells = [c.strip() for c in line.strip("|").split("|")]
             rows[cells[0].strip("`")] = [section, *cells[1:]]
@@ -137,7 +147,8 @@ def test_docs_document_every_key_with_section_default_env_and_flag(key: Key) -> 
     elif key.name == "listen":
         assert default == '`["127.0.0.1:8009", "[::1]:8009"]`'
     else:
-        assert tomllib.loads(f"v = {default.strip('`')}")["v"] == key.default
+        expected = list(key.default) if isinstance(key.default, tuple) else key.default
+        assert tomllib.loads(f"v = {default.strip('`')}")["v"] == expected
     assert env.startswith(f"`{key.env}`")
     if key.flag_name:
         assert flag.startswith(f"`{key.flag_name}`")
@@ -147,6 +158,28 @@ def test_docs_document_every_key_with_section_default_env_and_flag(key: Key) -> 
 
 def test_docs_list_exactly_the_keys() -> None:
     assert set(_docs_rows()) == set(KEYS_BY_NAME)
+
+
+def _listener_docs_rows() -> dict[str, list[str]]:
+    text = DOCS.read_text(encoding="utf-8").split("### [[listener]]", 1)[1].split("\n#", 1)[0]
+    return {cells[0].strip("`"): cells[1:] for line in text.splitlines() if line.startswith("| `")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+
+
+def test_docs_document_every_listener_key_with_default_and_reload() -> None:
+    rows = _listener_docs_rows()
+    assert list(rows) == [key.name for key in LISTENER_KEYS]
+    for key in LISTENER_KEYS:
+        type_, default, allowed, reload = rows[key.name]
+        assert type_ and allowed
+        if key.required:
+            assert default == "required"
+        elif key.default is None:
+            assert default == "not set"
+        else:
+            expected = list(key.default) if isinstance(key.default, tuple) else key.default
+            assert tomllib.loads(f"v = {default.strip('`')}")["v"] == expected, key.name
+        assert reload == ("reloads" if key.reloadable else "restart"), key.name
 
 
 def test_flags_are_the_documented_set() -> None:
@@ -252,21 +285,21 @@ FILE_ERRORS = [
      "unknown key 'idle_timeout' in [echo] (did you mean 'idle_timeout_s' in [server]?)"),
     ("[server]\nzzz = 5\n",
      "unknown key 'zzz' in [server] (keys in [server]: listen, backlog, idle_timeout_s, shutdown_timeout_s, workers, "
-     "metrics_listen)"),
+     "proxy_header_timeout_s, metrics_listen)"),
     ("[echo]\nbacklog = 5\n", "key 'backlog' belongs in [server], not in [echo]"),
     ("[daemon]\nlog_level = \"info\"\n", "key 'log_level' belongs in [log], not in [daemon]"),
     ("backlog = 5\n", "key 'backlog' must be in a section: put it under [server]"),
     ("backlogg = 5\n", "unknown key 'backlogg' outside any section (did you mean 'backlog' in [server]?)"),
     ("zzz = 5\n",
-     "unknown key 'zzz' outside any section (keys go in a section: [server], [echo], [log], [limits], [daemon])"),
+     "unknown key 'zzz' outside any section (keys go in a section: [server], [echo], [log], [limits], [access], [daemon])"),
     ("[sever]\nbacklog = 5\n", "unknown section [sever] (did you mean [server]?)"),
-    ("[tls]\n", "unknown section [tls] (sections: [server], [echo], [log], [limits], [daemon])"),
+    ("[tls]\n", "unknown section [tls] (sections: [server], [echo], [log], [limits], [access], [daemon])"),
     ("[backlog]\n", "unknown section [backlog] ('backlog' is a key in [server])"),
     ("server = 1\n", "'server' must be a section ([server]), not an integer"),
     ("[[server]]\nbacklog = 5\n", "'server' must be a section ([server]), not an array"),
     ("[server.tls]\ncert = 1\n",
      "unknown key 'tls' in [server] (keys in [server]: listen, backlog, idle_timeout_s, shutdown_timeout_s, workers, "
-     "metrics_listen)"),
+     "proxy_header_timeout_s, metrics_listen)"),
     # syntax
     ("[server]\nbacklog = \n", "invalid TOML: Invalid value (at line 2, column 11)"),
     ("[server\n", "invalid TOML: Expected ']' at the end of a table declaration (at line 1, column 8)"),
@@ -542,6 +575,7 @@ SAMPLES: dict[str, tuple[str, str, object, object]] = {
     "utc": ("true", "no", True, False),
     "telnet": ("false", "yes", False, True),
     "max_line_bytes": ("100", "200", 100, 200),
+    "prefix": ('"{stamp} "', "<{stamp}> ", "{stamp} ", "<{stamp}> "),
     "log_target": ('"syslog"', "stderr", "syslog", "stderr"),
     "log_file": ('"/f/a.log"', "/e/b.log", Path("/f/a.log"), Path("/e/b.log")),
     "log_format": ('"json"', "text", "json", "text"),
@@ -550,6 +584,10 @@ SAMPLES: dict[str, tuple[str, str, object, object]] = {
     "max_connections_per_ip": ("7", "8", 7, 8),
     "line_timeout_s": ("9", "10.5", 9.0, 10.5),
     "send_timeout_s": ("11", "12", 11.0, 12.0),
+    "proxy_header_timeout_s": ("1", "2.5", 1.0, 2.5),
+    "connection_rate_per_ip": ("0.5", "20", 0.5, 20.0),
+    "connection_burst_per_ip": ("3", "4", 3, 4),
+    "rules": ('["deny 10.0.0.0/8"]', "allow ::1, deny all", ("deny 10.0.0.0/8",), ("allow ::1", "deny all")),
     "pid_file": ('"/f/t.pid"', "/e/t.pid", Path("/f/t.pid"), Path("/e/t.pid")),
     "user": ('"alice"', "bob", "alice", "bob"),
     "group": ('"staff"', "wheel", "staff", "wheel"),
@@ -681,11 +719,13 @@ def test_check_config_output_is_toml_with_a_source_comment_on_every_key(tmp_path
     text = format_config(config, sources)
     assert tomllib.loads(text) == {
         "server": {"listen": ["127.0.0.1:8009", "[::1]:8009"], "backlog": 5, "idle_timeout_s": 300.0,
-                   "shutdown_timeout_s": 10.0, "workers": 1},
-        "echo": {"timestamp": "ctime", "utc": True, "telnet": True, "max_line_bytes": 65536},
+                   "shutdown_timeout_s": 10.0, "workers": 1, "proxy_header_timeout_s": 5.0},
+        "echo": {"timestamp": "ctime", "utc": True, "telnet": True, "max_line_bytes": 65536,
+                 "prefix": "[{stamp}] "},
         "log": {"log_target": "stderr", "log_format": "text", "log_level": "debug"},
         "limits": {"max_connections": 1024, "max_connections_per_ip": 64, "line_timeout_s": 120.0,
-                   "send_timeout_s": 30.0},
+                   "send_timeout_s": 30.0, "connection_rate_per_ip": 0.0, "connection_burst_per_ip": 10},
+        "access": {"rules": []},
         "daemon": {},
     }
     lines = text.splitlines()
@@ -992,3 +1032,88 @@ def test_a_config_can_come_from_a_pipe() -> None:
         assert load_config(Path(f"/dev/fd/{read_fd}"), {}).backlog == 3
     finally:
         os.close(read_fd)
+
+
+# --------------------------------------------------------------------------
+# [[listener]] tables: strict errors (file, table number, key), sources, check-config, reload
+
+LB = '[[listener]]\naddress = "0.0.0.0:8009"\nproxy_protocol = "v2"\nproxy_trusted = ["10.0.0.0/8"]\n'
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (LB + '\n[[listener]]\naddress = "127.0.0.1:1"\nproxy_protocol = "v3"\n',
+     '[[listener]] #2 proxy_protocol = "v3": must be one of off, v1, v2, any'),
+    ('[[listener]]\naddress = "127.0.0.1:1"\nproxy_trustd = ["10.0.0.0/8"]\n',
+     "[[listener]] #1: unknown key 'proxy_trustd' (did you mean 'proxy_trusted'?)"),
+    ('[[listener]]\nproxy_protocol = "v1"\n',
+     '[[listener]] #1: address is missing (e.g. address = "0.0.0.0:8009")'),
+    ('[[listener]]\naddress = "127.0.0.1"\n',
+     "[[listener]] #1 address = \"127.0.0.1\": invalid listen address '127.0.0.1': missing port "
+     "(expected host:port, e.g. 127.0.0.1:8009 or [::1]:8009)"),
+    ('[[listener]]\naddress = "127.0.0.1:1"\nproxy_protocol = "v1"\n',
+     '[[listener]] #1 proxy_protocol = "v1": needs proxy_trusted, the addresses of the proxies allowed to send '
+     'a header (e.g. proxy_trusted = ["10.0.0.0/8"])'),
+    ('[[listener]]\naddress = "127.0.0.1:1"\nproxy_trusted = ["10.0.0.1/8"]\n',
+     '[[listener]] #1 proxy_trusted = ["10.0.0.1/8"]: item 0 "10.0.0.1/8": 10.0.0.1/8 has host bits set; '
+     "did you mean 10.0.0.0/8?"),
+    ('[[listener]]\naddress = "127.0.0.1:1"\nproxy_untrusted = "allow"\n',
+     '[[listener]] #1 proxy_untrusted = "allow": must be one of refuse, direct'),
+    ('[[listener]]\naddress = "127.0.0.1:1"\nname = "my lb"\n',
+     "[[listener]] #1 name = \"my lb\": must be 1-255 characters A-Z a-z 0-9 . _ - "
+     "(it matches systemd's FileDescriptorName=)"),
+    (LB + '[[listener]]\naddress = "0.0.0.0:8009"\n',
+     '[[listener]] #2 address = "0.0.0.0:8009": already the address of [[listener]] #1'),
+    ('[[listener]]\naddress = "127.0.0.1:1"\nname = "a"\n[[listener]]\naddress = "127.0.0.1:2"\nname = "a"\n',
+     '[[listener]] #2 name = "a": already the name of [[listener]] #1'),
+    ('[server]\nlisten = ["127.0.0.1:1"]\n' + '[[listener]]\naddress = "127.0.0.1:1"\n',
+     '[[listener]] #1 address = "127.0.0.1:1": already in listen (file {path}); list each address once'),
+    ('[listener]\naddress = "127.0.0.1:1"\n', "[listener] must be written [[listener]] (one table per listener)"),
+    ('[access]\nrules = ["allow 10.0.0.0/8", "permit all"]\n',
+     '[access] rules = ["allow 10.0.0.0/8", "permit all"]: rules[1] = "permit all": unknown action "permit"; '
+     'a rule is "allow" or "deny", one space, then an address (192.0.2.7), a network (10.0.0.0/8, '
+     '2001:db8::/32) or "all"'),
+    ("[limits]\nconnection_rate_per_ip = -1\n",
+     "[limits] connection_rate_per_ip = -1: must be a number of connections per second >= 0 (0 = off; "
+     "at most 1000000)"),
+])
+def test_listener_and_access_errors_name_the_file_table_and_key(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {})
+    assert str(info.value) == f"config error: {path}: " + message.format(path=path)
+
+
+def test_listener_tables_replace_the_default_listen_and_keep_an_explicit_one(tmp_path: Path) -> None:
+    path = write(tmp_path, LB)
+    config, sources = load_config_with_sources(path, {})
+    assert config.listen == ()
+    [listener] = config.listeners
+    assert (str(listener.address), listener.proxy_protocol, listener.proxy_trusted, listener.proxy_untrusted) == (
+        "0.0.0.0:8009", "v2", ("10.0.0.0/8",), "refuse")
+    assert sources["listener #1 proxy_protocol"] == f"file {path}"
+    assert "listener #1 proxy_untrusted" not in sources  # default
+    config = load_config(path, {}, {"listen": ["127.0.0.1:1"]})
+    assert [(str(l.address), l.proxy_protocol) for l in config.listeners] == [
+        ("127.0.0.1:1", "off"), ("0.0.0.0:8009", "v2")]
+
+
+def test_check_config_shows_every_listener_with_sources_and_loads_back(tmp_path: Path) -> None:
+    path = write(tmp_path, LB + '\n[[listener]]\naddress = "[::1]:9"\nname = "plain"\n')
+    config, sources = load_config_with_sources(path, {})
+    text = format_config(config, sources)
+    assert "[[listener]]  # #1" in text and "[[listener]]  # #2" in text
+    assert f'proxy_protocol = "v2"  # file {path}' in text
+    assert 'proxy_untrusted = "refuse"  # default' in text
+    assert "# listen is not used: the [[listener]] tables below say where  # default" in text
+    again = write(tmp_path, text, "again.toml")
+    assert load_config(again, {}) == config
+
+
+def test_reload_takes_listener_proxy_settings_but_keeps_their_sockets(tmp_path: Path) -> None:
+    from tsecho.service import reload_config
+
+    running = load_config(write(tmp_path, LB), {})
+    changed = write(tmp_path, LB.replace('"v2"', '"any"'), "changed.toml")
+    assert reload_config(lambda: load_config(changed, {}), running).listeners[0].proxy_protocol == "any"
+    moved = write(tmp_path, LB.replace("0.0.0.0:8009", "0.0.0.0:8010"), "moved.toml")
+    assert reload_config(lambda: load_config(moved, {}), running).listeners == running.listeners

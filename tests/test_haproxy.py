@@ -1,4 +1,5 @@
-"""haproxy in front of tsechod: TLS termination, round robin over two instances, health checks.
+"""haproxy in front of tsechod: TLS termination, round robin over two instances with the PROXY
+protocol (v2 and v1: the real client's address in the access log, per-client limits), health checks.
 
 The haproxy configurations are the ``haproxy`` blocks of docs/tls-and-load-balancing.md; a
 test changes only addresses (and, where it says so, one timeout), so the guide can't drift
@@ -17,18 +18,20 @@ import selectors
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import CTIME_REPLY, REPO, recv_all, recv_lines, require_tool, wait_until
+from helpers import CTIME_REPLY, REPO, connect_from, recv_all, recv_lines, require_tool, wait_until
 
 GUIDE = REPO / "docs" / "tls-and-load-balancing.md"
 PAYLOAD_BYTES = 14  # b"round trip 00\n": the access log line of a client, not of a health check
 CLIENT_CLOSED_EOF = rf"(127\.0\.0\.1:\d+) closed reason=eof duration_s=\S+ lines=1 bytes_in={PAYLOAD_BYTES} "
-HEALTH_CHECK = r"127\.0\.0\.1:\d+ closed reason=\w+ duration_s=\S+ lines=1 bytes_in=1 "
+VIA = r"bytes_out=\d+ via=(\S+)\n"  # what follows CLIENT_CLOSED_EOF behind a PROXY listener
+HEALTH_CHECK = r"closed reason=\w+ duration_s=\S+ lines=1 bytes_in=1 "
 
 
 def guide_block(marker: str) -> str:
@@ -138,17 +141,19 @@ def haproxy(tmp_path: Path) -> Iterator[Callable[[str], HAProxy]]:
             proxy.proc.wait(timeout=10)
 
 
-def start_pool(tsechod, haproxy, server_settings: str = "", defaults: dict[str, str] | None = None):
-    """Two tsechod instances with the guide's config file (listening on 127.0.0.1:0 instead: the
-    flag beats the file), plus *server_settings* in its [server] table, and the guide's
-    load-balancing haproxy in front of them."""
-    [config_text] = re.findall(r"```toml\n(.*?)```", GUIDE.read_text(), re.S)
-    config_text = substitute(config_text, {"[server]\n": "[server]\n" + server_settings})
-    first, second = tsechod(config_text), tsechod(config_text)
+def start_pool(tsechod, haproxy, server_settings: str = "", defaults: dict[str, str] | None = None,
+               tsechod_changes: dict[str, str] | None = None, haproxy_changes: dict[str, str] | None = None):
+    """Two tsechod instances with the guide's config file (its listener on 127.0.0.1:0 instead),
+    plus *server_settings* in a [server] table, and the guide's load-balancing haproxy in front."""
+    [config_text] = [t for t in re.findall(r"```toml\n(.*?)```", GUIDE.read_text(), re.S) if "127.0.0.1:8010" in t]
+    config_text = "[server]\n" + server_settings + substitute(
+        config_text, {'address = "127.0.0.1:8010"': 'address = "127.0.0.1:0"', **(tsechod_changes or {})})
+    first, second = tsechod(config_text, listen=()), tsechod(config_text, listen=())
     config = (substitute(guide_block("defaults\n"), defaults or {})
               + substitute(guide_block("frontend tsecho\n"), {"bind :8009\n": "bind fd@LISTENER\n",
                                                                "127.0.0.1:8010": address(first),
-                                                               "127.0.0.1:8011": address(second)}))
+                                                               "127.0.0.1:8011": address(second),
+                                                               **(haproxy_changes or {})}))
     return first, second, haproxy(config)
 
 
@@ -176,7 +181,8 @@ def test_haproxy_spreads_clients_over_two_instances_and_skips_a_stopped_one(tsec
     # The guide's health check passes at layer 7: the ping line was answered with "[".
     wait_until(lambda: all(s["check_status"] == "L7OK" for s in proxy.server_stats("tsechod_pool").values()),
                timeout=15)
-    first.wait_for_log(HEALTH_CHECK)
+    # ... through the PROXY listener (check-send-proxy: a LOCAL header), and not at info in the log.
+    assert not re.search(HEALTH_CHECK, first.log_text() + second.log_text())
 
     # Two clients stay connected, one on each instance (roundrobin); then the first instance stops.
     held = [socket.create_connection(("127.0.0.1", proxy.port), timeout=10) for _ in range(2)]
@@ -282,6 +288,33 @@ def test_haproxy_terminates_tls_for_openssl_s_client(tsechod, haproxy, tmp_path:
     assert proxy.stop() == 0
 
 
+def test_haproxy_terminates_tls_for_tsecho_tls(tsechod, haproxy, tmp_path: Path) -> None:
+    """The guide's `tsecho --tls` command through its TLS frontend, -m and piped."""
+    daemon = tsechod()
+    cert, combined = make_certificate(require_tool("openssl"), tmp_path)
+    proxy = haproxy(guide_block("defaults\n")
+                    + substitute(guide_block("frontend tsecho_tls\n"),
+                                 {"bind :8443 ": "bind fd@LISTENER ",
+                                  "/etc/haproxy/certs/tsechod.pem": str(combined),
+                                  "127.0.0.1:8009": address(daemon)}))
+    client = [sys.executable, "-W", "error", "-m", "tsecho.client", "--tls", "--ca", str(cert),
+              "--servername", "localhost", f"127.0.0.1:{proxy.port}"]
+    result = subprocess.run([*client, "-m", "hello over tls"], capture_output=True, timeout=30)
+    assert (result.returncode, result.stderr) == (0, b""), result
+    assert_answered(result.stdout.rstrip(b"\n"), b"hello over tls")
+    lines = [b"line %03d" % n for n in range(200)]
+    result = subprocess.run(client, input=b"\n".join(lines) + b"\n", capture_output=True, timeout=30)
+    assert (result.returncode, result.stderr) == (0, b""), result
+    replies = result.stdout.split(b"\n")
+    assert replies.pop() == b"" and len(replies) == len(lines)
+    for reply, line in zip(replies, lines):
+        assert_answered(reply, line)
+    # The client's close_notify made haproxy close its backend connection: both ended with eof.
+    daemon.wait_for_log(r"closed reason=eof duration_s=\S+ lines=1 bytes_in=15 ")
+    daemon.wait_for_log(r"closed reason=eof duration_s=\S+ lines=200 bytes_in=1800 ")
+    assert proxy.stop() == 0
+
+
 def wait_for_either(daemons, pattern: str) -> re.Match[str]:
     """The first match of *pattern* in any of the daemons' logs (whichever one haproxy picked)."""
     def found() -> re.Match[str] | None:
@@ -297,8 +330,8 @@ def test_idle_timeout_below_haproxys_closes_idle_clients_with_reason_idle(tsecho
         sock.sendall(b"round trip 00\n")
         assert_answered(recv_lines(sock, 1)[0], b"round trip 00")
         assert recv_all(sock, timeout=10) == b""  # FIN, not a reset
-    peer = wait_for_either(daemons, CLIENT_CLOSED_EOF.replace("reason=eof", "reason=idle")).group(1)
-    proxy.wait_for_log(rf"tsechod_pool/tsechod[12] \S+ \d+ -- .* via={re.escape(peer)}\n")
+    client, via = wait_for_either(daemons, CLIENT_CLOSED_EOF.replace("reason=eof", "reason=idle") + VIA).groups()
+    proxy.wait_for_log(rf"{re.escape(client)} \S+ tsecho tsechod_pool/tsechod[12] \S+ \d+ -- .* via={re.escape(via)}\n")
 
 
 def test_idle_timeout_above_haproxys_is_preempted_and_logged_as_eof(tsechod, haproxy) -> None:
@@ -308,6 +341,59 @@ def test_idle_timeout_above_haproxys_is_preempted_and_logged_as_eof(tsechod, hap
         sock.sendall(b"round trip 00\n")
         assert_answered(recv_lines(sock, 1)[0], b"round trip 00")
         assert recv_all(sock, timeout=10) == b""
-    peer = wait_for_either(daemons, CLIENT_CLOSED_EOF).group(1)
-    proxy.wait_for_log(rf"tsechod_pool/tsechod[12] \S+ \d+ cD .* via={re.escape(peer)}\n")
+    client, via = wait_for_either(daemons, CLIENT_CLOSED_EOF + VIA).groups()
+    proxy.wait_for_log(rf"{re.escape(client)} \S+ tsecho tsechod_pool/tsechod[12] \S+ \d+ cD .* via={re.escape(via)}\n")
     assert not any("reason=idle" in d.log_text() for d in daemons)
+
+
+V1 = {"tsechod_changes": {'proxy_protocol = "v2"': 'proxy_protocol = "v1"'},
+      "haproxy_changes": {"send-proxy-v2 check-send-proxy": "send-proxy check-send-proxy"}}
+
+
+@pytest.mark.parametrize("changes", [{}, V1], ids=["send-proxy-v2", "send-proxy"])
+def test_access_log_shows_the_real_client_and_health_checks_stay_out_of_it(tsechod, haproxy, changes) -> None:
+    first, second, proxy = start_pool(tsechod, haproxy, **changes)
+    clients = []
+    for source in ("127.0.0.2", "127.0.0.3", "127.0.0.2", "127.0.0.3"):
+        with connect_from(("127.0.0.1", proxy.port), source, timeout=10) as sock:
+            sock.sendall(b"round trip 00\n")
+            assert_answered(recv_lines(sock, 1, timeout=10)[0], b"round trip 00")
+            clients.append(f"{source}:{sock.getsockname()[1]}")
+    lines = {}
+    for daemon in (first, second):
+        for match in daemon.wait_for_log(rf"(127\.0\.0\.[23]:\d+) closed reason=eof \S+ lines=1 bytes_in=14 {VIA}",
+                                         count=2):
+            lines[match.group(1)] = match
+    assert sorted(lines) == sorted(clients)  # round robin: two each; each client under its own address
+    for client, match in lines.items():  # haproxy's log has the same client and the same backend side
+        seen = proxy.wait_for_log(rf"{re.escape(client)} \[[^]]+\] tsecho tsechod_pool/tsechod[12] .* "
+                                  rf"via={re.escape(match.group(2))}\n")
+    wait_until(lambda: all(s["check_status"] == "L7OK" for s in proxy.server_stats("tsechod_pool").values()),
+               timeout=15)
+    for daemon in (first, second):
+        log = daemon.log_text()
+        assert not re.search(r"127\.0\.0\.1:\d+ closed", log), log  # no health check, no proxy address
+        assert "Traceback" not in log
+    print(f"\nhaproxy: {seen.group(0).rstrip()}\ntsechod: {match.group(0).rstrip()}")  # for the record
+    assert proxy.stop() == 0
+
+
+def test_per_address_limit_bites_per_client_not_per_proxy(tsechod, haproxy) -> None:
+    first, second, proxy = start_pool(
+        tsechod, haproxy, tsechod_changes={"max_connections_per_ip = 64": "max_connections_per_ip = 1"})
+    held = []
+    try:
+        # roundrobin: A on 1, A on 2, B on 1, B on 2: each instance holds two clients, all from haproxy's address
+        for source in ("127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"):
+            sock = connect_from(("127.0.0.1", proxy.port), source, timeout=10)
+            held.append(sock)
+            sock.sendall(b"round trip 00\n")
+            assert_answered(recv_lines(sock, 1, timeout=10)[0], b"round trip 00")
+        # A's third connection lands on an instance where A already has one
+        with connect_from(("127.0.0.1", proxy.port), "127.0.0.2", timeout=10) as sock:
+            sock.sendall(b"round trip 01\n")
+            assert recv_all(sock, timeout=10) == b"ERR too many connections from your address\n"
+    finally:
+        for sock in held:
+            sock.close()
+    assert proxy.stop() == 0

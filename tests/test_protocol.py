@@ -226,7 +226,8 @@ def test_a_long_line_in_small_pieces_costs_about_what_it_costs_in_large_ones() -
         assert decoder.feed(b"\n") == line + b"\n"
         return time.process_time() - started
 
-    small, large = cpu_s(1460), cpu_s(65536)
+    # Best of three: CPU time is this process's own, but a loaded host still adds cache misses.
+    small, large = min(cpu_s(1460) for _ in range(3)), min(cpu_s(65536) for _ in range(3))
     print(f"\nFIGURES 8 MiB line: 1460-byte pieces {small * 1000:.1f} ms CPU, 64 KiB pieces {large * 1000:.1f} ms")
     # Quadratic copying made this 17.7 s against 0.07 s (250x); linear is a few times at most.
     assert small < 10 * max(large, 0.005)

@@ -120,7 +120,7 @@ def test_over_max_connections_gets_busy_without_a_thread(server_factory) -> None
         with socket.create_connection(server.server_address, timeout=2) as extra:
             assert recv_all(extra) == b"ERR server busy\n"
         assert threading.active_count() == threads
-        assert server.state.figures().refused == (1, 0)  # busy, per-address
+        assert server.state.figures().refused == (1, 0, 0, 0)  # busy, per-address, rate, denied
     finally:
         for sock in held:
             sock.close()

@@ -25,13 +25,15 @@ from typing import Final
 
 from . import __version__, systemd
 from .address import one_line
-from .config import KEYS, KEYS_BY_NAME, SECTIONS, Config, ConfigError, find_config_path, load_config, load_config_with_sources
+from .access import AccessRules, normalize_address
+from .config import (KEYS, KEYS_BY_NAME, LISTENER_KEYS, LISTENER_TABLE, SECTIONS, Config, ConfigError,
+                     find_config_path, load_config, load_config_with_sources)
 from .daemonize import ParentOutcome, StartupReport, detach, refuse_under_systemd
 from .logsetup import configure_logging, log_fds, log_file_stream, stderr_is_journal
 from .pidfile import PidFile, StartupError
 from .privileges import drop_privileges
 from .metrics import bind_metrics
-from .server import THREAD_STACK_BYTES, ListenError, listen_error, open_servers
+from .server import THREAD_STACK_BYTES, ListenError, listen_error, match_inherited, open_servers
 from .service import Service, SystemdReporter, block_signals
 from .state import ServerState
 from .stdio import serve_stdio, stdio_log_config, take_stdio
@@ -42,6 +44,7 @@ logger = logging.getLogger("tsecho.cli")
 
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
+EXIT_DENIED: Final = 1  # check-access: the address would be refused
 EXIT_USAGE: Final = 2
 EXIT_CONFIG: Final = 78
 # The FileDescriptorName= of a socket-activated metrics endpoint (docs/operations.md, Metrics).
@@ -70,9 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Settings: flag > TSECHOD_<KEY> environment > config file > default. See tsechod(8).",
     )
     parser.add_argument(
-        "command", nargs="?", choices=("run", "check-config"), default="run",
-        help="run the daemon (default), or print the effective config with each value's source",
+        "command", nargs="?", choices=("run", "check-config", "check-access"), default="run",
+        help="run the daemon (default); check-config: print the effective config with each value's source; "
+             "check-access ADDRESS: say whether [access] rules allow ADDRESS and which rule decided "
+             "(exit 0 allowed, 1 denied)",
     )
+    parser.add_argument("address", nargs="?", metavar="ADDRESS", help="for check-access: an IPv4 or IPv6 address")
     parser.add_argument("--config", metavar="PATH",
                         help="config file (default: $TSECHOD_CONFIG, else /etc/tsechod/tsechod.toml if it exists)")
     parser.add_argument("--daemon", action="store_true",
@@ -102,7 +108,10 @@ def _metavar(name: str, kind: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.command == "check-access") != (args.address is not None):
+        parser.error("check-access takes one ADDRESS (and only check-access takes one)")
     environ = os.environ
     overrides: Overrides = {field: value for field in OVERRIDE_FLAGS.values() if (value := getattr(args, field)) is not None}
     # Relative paths are the operator's working directory's, now: --daemon changes it to /,
@@ -113,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check-config":
             return check_config(args.config, environ, overrides)
+        if args.command == "check-access":
+            return check_access(args.address, args.config, environ, overrides)
         if args.stdio:
             if args.daemon:
                 raise UsageError("--stdio and --daemon exclude each other: --stdio serves one connection "
@@ -147,6 +158,24 @@ def check_config(explicit: str | None, environ: Mapping[str, str], overrides: Ov
     return EXIT_OK
 
 
+def check_access(address: str, explicit: str | None, environ: Mapping[str, str], overrides: Overrides) -> int:
+    """Print the verdict of [access] rules for *address* and the rule that decided it; 0 allowed, 1 denied.
+
+    The rate limit is not asked: it depends on the address's recent connections,
+    which only the running daemon knows.
+    """
+    path = find_config_path(explicit, environ)
+    config = load_config(path, environ, overrides)
+    try:
+        normal = normalize_address(address)
+    except ValueError as err:
+        raise UsageError(f"check-access: {err}") from None
+    decision = AccessRules.parse(config.rules).check(normal)
+    shown = f"{address} (as {normal})" if str(normal) != address else address
+    print(f"{shown}: {decision}")
+    return EXIT_OK if decision.allowed else EXIT_DENIED
+
+
 def format_config(config: Config, sources: Mapping[str, str]) -> str:
     """Render *config* as TOML grouped by section, each key with its source in a comment.
 
@@ -164,8 +193,21 @@ def format_config(config: Config, sources: Mapping[str, str]) -> str:
             source = one_line(sources.get(key.name, "default"))
             if value is None:
                 lines.append(f"# {key.name} is not set  # {source}")
+            elif key.name == "listen" and not value:
+                lines.append(f"# listen is not used: the [[listener]] tables below say where  # {source}")
             else:
                 lines.append(f"{key.name} = {toml_value(value, cut=False)}  # {source}")
+    tables = config.listeners[len(config.listen):]
+    for number, listener in enumerate(tables, 1):
+        lines.append("")
+        lines.append(f"[[{LISTENER_TABLE}]]  # #{number}")
+        for lkey in LISTENER_KEYS:
+            value = getattr(listener, lkey.name)
+            source = one_line(sources.get(f"{LISTENER_TABLE} #{number} {lkey.name}", "default"))
+            if value is None:
+                lines.append(f"# {lkey.name} is not set  # {source}")
+            else:
+                lines.append(f"{lkey.name} = {toml_value(value, cut=False)}  # {source}")
     return "\n".join(lines) + "\n"
 
 
@@ -176,10 +218,10 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
     block_signals()
     path = find_config_path(explicit, environ)
 
-    def load() -> Config:
-        return load_config(path, environ, overrides)
+    def reload() -> Config:
+        return load_config(path, environ, overrides, reloading=True)
 
-    config = load()
+    config = load_config(path, environ, overrides)
     if daemon and (reason := refuse_under_systemd(environ)):
         raise UsageError(reason)
     try:
@@ -195,8 +237,8 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
         stack.callback(state.close)
         named = systemd.listen_fds_with_names(os.environ)
         # FileDescriptorName=metrics marks the metrics endpoint's socket; every other one serves echo.
-        inherited = [sock for name, sock in named if name != METRICS_FD_NAME]
         metrics_socket = next((sock for name, sock in named if name == METRICS_FD_NAME), None)
+        inherited = match_inherited(config, [(name, sock) for name, sock in named if name != METRICS_FD_NAME])
         if metrics_socket is None and config.metrics_listen is not None:
             try:
                 metrics_socket = bind_metrics(config.metrics_listen)
@@ -207,7 +249,9 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
         servers = open_servers(config, state, inherited)
         for server in servers:
             stack.callback(server.server_close)
-            logger.info("listening on %s%s", server.address, " (socket activation)" if inherited else "")
+            listener = config.listeners[server.listener_index] if server.listener_index is not None else None
+            logger.info("listening on %s%s%s", server.address, " (socket activation)" if inherited else "",
+                        listener.describe() if listener is not None else "")
         startup: StartupReport | None = None
         if daemon:
             if config.log_target == "stderr":
@@ -233,8 +277,9 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
         reporter = SystemdReporter(watchdog_s=systemd.watchdog_interval_s(environ),
                                    on_ready=startup.ready if startup is not None else None)
         if config.workers > 1:
-            return Supervisor(config, [s.socket for s in servers], load, reporter, metrics_socket).run()
-        return Service(servers, state, load, reporter, metrics_socket).run_until_stopped()
+            return Supervisor(config, [(s.socket, s.listener_index) for s in servers], reload, reporter,
+                              metrics_socket).run()
+        return Service(servers, state, reload, reporter, metrics_socket).run_until_stopped()
 
 
 def run_stdio(explicit: str | None, environ: Mapping[str, str], overrides: Overrides) -> int:

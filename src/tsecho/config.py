@@ -15,16 +15,20 @@ import difflib
 import math
 import os
 import re
+import select
 import shlex
 import stat
+import string
+import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final, cast
 
+from .access import AccessRuleError, AccessRules, parse_rule
 from .address import ListenAddress, one_line, parse_listen, shown
-from .protocol import TIMESTAMP_STYLES, make_stamper
+from .protocol import PREFIX_PLACEHOLDERS, TIMESTAMP_STYLES, make_stamper
 from .tomlwriter import toml_value
 
 __all__ = [
@@ -37,7 +41,10 @@ __all__ = [
     "Config",
     "ConfigError",
     "Key",
+    "LISTENER_KEYS",
     "ListenAddress",
+    "Listener",
+    "ListenerKey",
     "find_config_path",
     "load_config",
     "load_config_with_sources",
@@ -48,14 +55,23 @@ DEFAULT_CONFIG_PATH: Final = Path("/etc/tsechod/tsechod.toml")
 ENV_PREFIX: Final = "TSECHOD_"
 # TSECHOD_* variables that are not config keys: read by cli.py, skipped here.
 RESERVED_ENV: Final = frozenset({"TSECHOD_CONFIG", "TSECHOD_DEBUG"})
-SECTIONS: Final = ("server", "echo", "log", "limits", "daemon")
+SECTIONS: Final = ("server", "echo", "log", "limits", "access", "daemon")
+# The array of tables that declares listeners one by one (LISTENER_KEYS).
+LISTENER_TABLE: Final = "listener"
 
+MAX_RATE_PER_S: Final = 1_000_000.0
+# A [[listener]] name becomes systemd's FileDescriptorName=: at most 255 of these characters.
+_LISTENER_NAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,255}\Z", re.ASCII)
+PROXY_MODES: Final = ("off", "v1", "v2", "any")
+PROXY_UNTRUSTED: Final = ("refuse", "direct")
 MAX_LINE_BYTES_LIMIT: Final = 16 * 1024 * 1024
 MAX_WORKERS: Final = 256
 # Larger timeouts overflow threading/socket timeouts; a year is "forever" here.
 MAX_TIMEOUT_S: Final = 31_536_000.0
 # A config file is a few KiB; anything bigger is the wrong file (or /dev/zero).
 MAX_CONFIG_BYTES: Final = 1024 * 1024
+# A config read from a pipe or a FIFO at startup (--config <(...)) must arrive within this.
+CONFIG_PIPE_WAIT_S: Final = 5.0
 _SHOWN_VALUE_CHARS: Final = 120  # longer values are cut in error messages
 
 
@@ -74,6 +90,34 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class Listener:
+    """One listening address and how its connections start (a ``[[listener]]`` table).
+
+    Field names are the table's key names (see LISTENER_KEYS). An address from
+    ``[server] listen`` is a Listener with every other field at its default: a
+    plain listener. ``proxy_trusted`` holds networks as normalised text
+    (``10.0.0.0/8``); state.py turns them into matchers.
+    """
+
+    address: ListenAddress
+    name: str | None = None
+    proxy_protocol: str = "off"
+    proxy_trusted: tuple[str, ...] = ()
+    proxy_untrusted: str = "refuse"
+
+    @property
+    def proxied(self) -> bool:
+        return self.proxy_protocol != "off"
+
+    def describe(self) -> str:
+        """For the ``listening on`` line: '' for a plain listener, else ' (PROXY v2 from 10.0.0.0/8)'."""
+        if not self.proxied:
+            return ""
+        others = "; others served direct" if self.proxy_untrusted == "direct" else ""
+        return f" (PROXY {self.proxy_protocol} from {', '.join(self.proxy_trusted)}{others})"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Every setting of tsechod. Field names are the TOML key names (see KEYS)."""
 
@@ -86,12 +130,14 @@ class Config:
     idle_timeout_s: float = 300.0
     shutdown_timeout_s: float = 10.0
     workers: int = 1  # "auto" in the file is resolved to os.cpu_count()
+    proxy_header_timeout_s: float = 5.0
     metrics_listen: ListenAddress | None = None  # off unless set (docs/operations.md, Metrics)
     # [echo]
     timestamp: str = "ctime"
     utc: bool = False
     telnet: bool = True
     max_line_bytes: int = 65536
+    prefix: str = "[{stamp}] "
     # [log]
     log_target: str = "stderr"
     log_file: Path | None = None
@@ -102,10 +148,21 @@ class Config:
     max_connections_per_ip: int = 64
     line_timeout_s: float = 120.0
     send_timeout_s: float = 30.0
+    connection_rate_per_ip: float = 0.0  # 0: off
+    connection_burst_per_ip: int = 10
+    # [access]
+    rules: tuple[str, ...] = ()
     # [daemon]
     pid_file: Path | None = None
     user: str | None = None
     group: str | None = None
+    # Not a key: every listener, those of `listen` (plain) first, then the [[listener]] tables.
+    # load_config fills it; left empty, it is the plain listeners of `listen`.
+    listeners: tuple[Listener, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.listeners:
+            object.__setattr__(self, "listeners", tuple(Listener(address) for address in self.listen))
 
 
 # --------------------------------------------------------------------------
@@ -330,6 +387,33 @@ def _check_timestamp(value: object) -> object:
     return value
 
 
+PREFIX_MAX_CHARS: Final = 256
+_PREFIX_ALLOWED: Final = "a template with {stamp} once; also {host}, {instance}, {worker}; {{ and }} for braces"
+
+
+def _check_prefix(value: object) -> object:
+    """An ``[echo] prefix`` template: known placeholders only, {stamp} exactly once, one printable line."""
+    if not isinstance(value, str):
+        raise _wrong_type(f"must be {_PREFIX_ALLOWED}", value)
+    if not value.isprintable():
+        raise ValueError("must not contain control characters (a reply is one line)")
+    if len(value) > PREFIX_MAX_CHARS:
+        raise ValueError(f"must be at most {PREFIX_MAX_CHARS} characters, not {len(value)}")
+    allowed = ", ".join("{%s}" % name for name in PREFIX_PLACEHOLDERS)
+    try:
+        fields_ = [(name, conv, spec) for _, name, spec, conv in string.Formatter().parse(value) if name is not None]
+    except ValueError as err:
+        raise ValueError(f"{err} (write {{{{ or }}}} for a literal brace)") from None
+    for name, conv, spec in fields_:
+        if name not in PREFIX_PLACEHOLDERS:
+            raise ValueError(f"unknown placeholder {{{name}}}: allowed are {allowed}")
+        if conv or spec:
+            raise ValueError(f"placeholder {{{name}}} takes no conversion or format spec")
+    if [name for name, _, _ in fields_].count("stamp") != 1:
+        raise ValueError("must contain {stamp} exactly once (the timestamp is the reply's point)")
+    return value
+
+
 def _check_listen(value: object) -> object:
     reason = 'must be a list of "host:port" strings, e.g. ["127.0.0.1:8009", "[::1]:8009"]'
     if isinstance(value, str):
@@ -364,6 +448,44 @@ def _check_metrics_listen(value: object) -> object:
     return parse_listen(value.strip())
 
 
+def _rate_key() -> tuple[Checker, TextParser, str]:
+    reason = f"must be a number of connections per second >= 0 (0 = off; at most {MAX_RATE_PER_S:.0f})"
+
+    def check(value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _wrong_type(reason, value)
+        number = float(value)
+        if not math.isfinite(number) or not 0 <= number <= MAX_RATE_PER_S:
+            raise ValueError(reason)
+        return number
+
+    def parse(text: str) -> object:
+        text = text.strip()
+        if not _FLOAT_RE.match(text):
+            raise ValueError(reason)
+        return check(float(text))
+
+    return check, parse, reason
+
+
+def _rules_key() -> tuple[Checker, TextParser, str]:
+    reason = 'must be a list of "allow|deny ADDRESS/NETWORK|all" strings, e.g. ["allow 10.0.0.0/8", "deny all"]'
+
+    def check(value: object) -> object:
+        if not isinstance(value, list):
+            raise _wrong_type(reason, value)
+        try:
+            return tuple(rule.text for rule in AccessRules.parse(value).rules)
+        except AccessRuleError as err:
+            raise ValueError(one_line(str(err))) from None
+
+    def parse(text: str) -> object:
+        # TSECHOD_RULES="allow 10.0.0.0/8, deny all": a rule never holds a comma.
+        return check([item.strip() for item in text.split(",") if item.strip()])
+
+    return check, parse, reason
+
+
 def _make_key(
     name: str,
     section: str,
@@ -396,6 +518,8 @@ KEYS: Final[tuple[Key, ...]] = (
               "on SIGTERM, wait at most this long for connections to finish"),
     _make_key("workers", "server", "integer or \"auto\"", _workers_key(),
               'worker processes; "auto" = number of CPUs', flag=True, reloadable=False),
+    _make_key("proxy_header_timeout_s", "server", "number", _seconds_key(0, False),
+              "on a [[listener]] with proxy_protocol, the PROXY header must arrive within this"),
     Key(
         "metrics_listen", "server", "address", '"host:port" or "[ipv6]:port"; not set = no metrics endpoint',
         "serve Prometheus metrics (GET /metrics) on this address; off unless set",
@@ -415,6 +539,8 @@ KEYS: Final[tuple[Key, ...]] = (
               allowed="true or false"),
     _make_key("max_line_bytes", "echo", "integer", _int_key(1, MAX_LINE_BYTES_LIMIT, " (16 MiB)"),
               "longest line accepted; a longer one gets ERR and the connection is closed"),
+    Key("prefix", "echo", "string", _PREFIX_ALLOWED,
+        "what goes before each echoed line; the default is today's '[<stamp>] '", _check_prefix, _check_prefix),
     # [log]
     _make_key("log_target", "log", "string", _choice_key(("stderr", "file", "syslog")),
               "where logs go: stderr, file (needs log_file) or syslog (/dev/log)", flag=True),
@@ -433,6 +559,15 @@ KEYS: Final[tuple[Key, ...]] = (
               "a line must be complete this long after its first byte (slow clients)"),
     _make_key("send_timeout_s", "limits", "number", _seconds_key(0, False),
               "close a client that does not read its replies for this long"),
+    _make_key("connection_rate_per_ip", "limits", "number", _rate_key(),
+              "new connections per second from one address (token bucket; 0 = off); over it: ERR and close"),
+    _make_key("connection_burst_per_ip", "limits", "integer", _int_key(1, 1_000_000),
+              "how many connections one address may open at once before connection_rate_per_ip applies"),
+    # [access]
+    _make_key("rules", "access", "list of rules", _rules_key(),
+              'allow/deny rules on the client address, first match wins, none matching = allowed',
+              allowed='"allow X" or "deny X", X an address, a network (10.0.0.0/8) or all; '
+                      "first match wins; no match allows"),
     # [daemon]
     _make_key("pid_file", "daemon", "path", _path_key(),
               "pid file (locked while tsechod runs); relative to this file's directory", flag=True, reloadable=False),
@@ -442,10 +577,93 @@ KEYS: Final[tuple[Key, ...]] = (
               "when started as root, switch to this group after binding", flag=True, reloadable=False),
 )
 KEYS_BY_NAME: Final[Mapping[str, Key]] = {key.name: key for key in KEYS}
-_FIELD_DEFAULTS: Final[Mapping[str, object]] = {f.name: f.default for f in fields(Config)}
+_FIELD_DEFAULTS: Final[Mapping[str, object]] = {f.name: f.default for f in fields(Config) if f.name != "listeners"}
 
 if [key.name for key in KEYS] != list(_FIELD_DEFAULTS):  # pragma: no cover - import-time guard
     raise AssertionError("KEYS and Config fields differ")
+
+
+# --------------------------------------------------------------------------
+# The keys of a [[listener]] table
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerKey:
+    """One key of a ``[[listener]]`` table: the same role as Key, for tables.
+
+    Tables have no environment or flag form (a list of tables does not fit in
+    one variable); check-config shows them with their sources. A key with
+    ``reloadable=False`` makes a reload keep every running listener as it is.
+    """
+
+    name: str
+    type: str
+    allowed: str
+    help: str
+    from_toml: Checker
+    required: bool = False
+    reloadable: bool = True
+
+    @property
+    def default(self) -> object:
+        return _LISTENER_DEFAULTS[self.name]
+
+
+def _listener_address(value: object) -> object:
+    if not isinstance(value, str):
+        raise _wrong_type('must be a "host:port" string, e.g. "0.0.0.0:8009"', value)
+    return parse_listen(value)
+
+
+def _listener_name(value: object) -> object:
+    reason = "must be 1-255 characters A-Z a-z 0-9 . _ - (it matches systemd's FileDescriptorName=)"
+    if not isinstance(value, str):
+        raise _wrong_type(reason, value)
+    if not _LISTENER_NAME_RE.match(value):
+        raise ValueError(reason)
+    return value
+
+
+def _proxy_trusted(value: object) -> object:
+    reason = 'must be a list of addresses or networks, e.g. ["10.0.0.0/8", "::1"]'
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise _wrong_type(reason, value)
+    networks: list[str] = []
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or item == "all" or not item:
+            raise ValueError(f"item {index} {toml_value(item)}: {reason}")
+        try:
+            rule = parse_rule(index, f"allow {item}")
+        except AccessRuleError as err:
+            reason_text = str(err).split(": ", 1)[-1]
+            raise ValueError(one_line(f"item {index} {toml_value(item)}: {reason_text}")) from None
+        networks.extend(str(network) for network in rule.networks if str(network) not in networks)
+    return tuple(networks)
+
+
+LISTENER_KEYS: Final[tuple[ListenerKey, ...]] = (
+    ListenerKey("address", "address", '"host:port" or "[ipv6]:port", port 0-65535; not also in another listener',
+                "the address to listen on (required)", _listener_address, required=True, reloadable=False),
+    ListenerKey("name", "string", "1-255 characters A-Z a-z 0-9 . _ -, unique",
+                "names the listener: socket activation maps a socket whose FileDescriptorName= is this name",
+                _listener_name, reloadable=False),
+    ListenerKey("proxy_protocol", "string", ", ".join(PROXY_MODES),
+                'expect a PROXY header first: "v1", "v2", "any" (either; a header is still required)',
+                _choice_key(PROXY_MODES)[0]),
+    ListenerKey("proxy_trusted", "list of networks", 'addresses or networks, e.g. ["10.0.0.0/8", "::1"]',
+                "who may send a PROXY header (the load balancers); required when proxy_protocol is not off",
+                _proxy_trusted),
+    ListenerKey("proxy_untrusted", "string", ", ".join(PROXY_UNTRUSTED),
+                '"refuse" others (closed without a word), or serve them "direct" as plain clients',
+                _choice_key(PROXY_UNTRUSTED)[0]),
+)
+LISTENER_KEYS_BY_NAME: Final[Mapping[str, ListenerKey]] = {key.name: key for key in LISTENER_KEYS}
+_LISTENER_DEFAULTS: Final[Mapping[str, object]] = {f.name: f.default for f in fields(Listener)}
+
+if [key.name for key in LISTENER_KEYS] != list(_LISTENER_DEFAULTS):  # pragma: no cover - import-time guard
+    raise AssertionError("LISTENER_KEYS and Listener fields differ")
 
 
 # --------------------------------------------------------------------------
@@ -499,22 +717,28 @@ def load_config(
     path: Path | None,
     environ: Mapping[str, str],
     overrides: Mapping[str, str | Sequence[str]] | None = None,
+    *,
+    reloading: bool = False,
 ) -> Config:
     """Build the effective Config: defaults < TOML file *path* < *environ* < *overrides*.
 
     *path* None means no file.  *environ* is searched for ``TSECHOD_<KEY>``
     variables (an unknown ``TSECHOD_*`` name is an error).  *overrides* maps
     field names to the raw strings given as flags (``listen``: a list); a
-    None or empty value means "flag not given".  Raises ConfigError with a
-    one-line message for any problem.
+    None or empty value means "flag not given".  A pipe or device is read
+    with a deadline at startup, and a pipe is refused when *reloading* (it
+    can't be read twice, and must not stop the main loop).  Raises ConfigError
+    with a one-line message for any problem.
     """
-    return load_config_with_sources(path, environ, overrides)[0]
+    return load_config_with_sources(path, environ, overrides, reloading=reloading)[0]
 
 
 def load_config_with_sources(
     path: Path | None,
     environ: Mapping[str, str],
     overrides: Mapping[str, str | Sequence[str]] | None = None,
+    *,
+    reloading: bool = False,
 ) -> tuple[Config, dict[str, str]]:
     """Like load_config, and also say where each value came from.
 
@@ -525,8 +749,11 @@ def load_config_with_sources(
     sources: dict[str, str] = {key.name: "default" for key in KEYS}
     wheres: dict[str, str] = {}
 
+    tables: list[Listener] = []
     if path is not None:
-        for key, raw, where in _read_file(path):
+        found, tables, table_sources = _read_file(path, reloading)
+        sources.update(table_sources)
+        for key, raw, where in found:
             value = _convert(key.from_toml, raw, where)
             if isinstance(value, Path) and not value.is_absolute():
                 value = path.parent.absolute() / value
@@ -565,6 +792,15 @@ def load_config_with_sources(
             f"{wheres['log_target']}: requires log_file "
             "(set [log] log_file, TSECHOD_LOG_FILE or --log-file)"
         )
+    # With [[listener]] tables, the default listen is dropped: an operator who wrote tables
+    # meant those addresses, not those plus 127.0.0.1:8009. A listen given explicitly stays.
+    plain = () if tables and sources["listen"] == "default" else cast(tuple[ListenAddress, ...], values["listen"])
+    for number, listener in enumerate(tables, 1):
+        if listener.address in plain:
+            raise ConfigError(f"{path}: [[listener]] #{number} address = {toml_value(str(listener.address))}: "
+                              f"already in listen ({sources['listen']}); list each address once")
+    values["listen"] = plain
+    values["listeners"] = (*(Listener(address) for address in plain), *tables)
     return cast(Any, Config)(**values), sources
 
 
@@ -593,19 +829,29 @@ def _from_text(key: Key, text: str, where: str) -> object:
     return value
 
 
-def _read_file(path: Path) -> list[tuple[Key, object, str]]:
-    """Parse the TOML file; return (key, raw value, where) in file order."""
+def _read_file(path: Path, reloading: bool = False) -> tuple[list[tuple[Key, object, str]], list[Listener], dict[str, str]]:
+    """Parse the TOML file; return its (key, raw value, where) in file order, its listeners and their sources."""
     try:
-        # O_NONBLOCK: opening a FIFO would otherwise wait for a writer, and a reload with it.
+        # O_NONBLOCK: opening a FIFO would otherwise wait for a writer (and a reload with it).
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with open(fd, "rb") as file:
-            kind = _not_regular(os.fstat(fd).st_mode)
-            if kind:
-                raise ConfigError(f"{path}: cannot read: not a regular file ({kind})")
-            os.set_blocking(fd, True)
-            data = file.read(MAX_CONFIG_BYTES + 1)
+        with open(fd, "rb", buffering=0) as file:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISREG(mode):
+                os.set_blocking(fd, True)
+                data = file.read(MAX_CONFIG_BYTES + 1)
+            elif stat.S_ISDIR(mode):
+                raise ConfigError(f"{path}: cannot read: it is a directory")
+            elif reloading and (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+                # A pipe was read once at startup (--config <(...)); read again it would be empty,
+                # or wait for a writer with the main loop stopped.
+                raise ConfigError(f"{path}: cannot read it again on reload: not a regular file (a pipe or "
+                                  "FIFO); restart tsechod to read it, or use a regular file")
+            else:
+                data = _read_with_deadline(fd, CONFIG_PIPE_WAIT_S if not reloading else 0.5, stat.S_ISFIFO(mode))
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: cannot read: {_os_reason(err)}") from None
+    except TimeoutError as err:
+        raise ConfigError(f"{path}: cannot read: {err}") from None
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB: is it the right file?")
     try:
@@ -626,6 +872,8 @@ def _read_file(path: Path) -> list[tuple[Key, object, str]]:
 
     found: list[tuple[Key, object, str]] = []
     for top, body in doc.items():
+        if top == LISTENER_TABLE:
+            continue  # _read_listeners
         if top in SECTIONS:
             if not isinstance(body, dict):
                 raise ConfigError(
@@ -653,7 +901,49 @@ def _read_file(path: Path) -> list[tuple[Key, object, str]]:
             raise ConfigError(
                 f"{path}: unknown key {shown(top)} outside any section{_key_hint(top, None)}"
             )
-    return found
+    listeners, sources = _read_listeners(path, doc.get(LISTENER_TABLE))
+    return found, listeners, sources
+
+
+def _read_listeners(path: Path, body: object) -> tuple[list[Listener], dict[str, str]]:
+    """The ``[[listener]]`` tables, validated key by key; errors name the file, the table's number and the key."""
+    if body is None:
+        return [], {}
+    if isinstance(body, dict):
+        raise ConfigError(f"{path}: [listener] must be written [[listener]] (one table per listener)")
+    if not isinstance(body, list) or not all(isinstance(table, dict) for table in body):
+        raise ConfigError(f"{path}: listener must be [[listener]] tables, not {_type_name(body)}")
+    listeners: list[Listener] = []
+    sources: dict[str, str] = {}
+    for number, table in enumerate(cast(list[dict[str, object]], body), 1):
+        at = f"{path}: [[listener]] #{number}"
+        values: dict[str, object] = {}
+        for name, raw in table.items():
+            key = LISTENER_KEYS_BY_NAME.get(name)
+            if key is None:
+                match = difflib.get_close_matches(name, list(LISTENER_KEYS_BY_NAME), n=1, cutoff=0.6)
+                hint = (f"did you mean {shown(match[0])}?" if match
+                        else "keys: " + ", ".join(k.name for k in LISTENER_KEYS))
+                raise ConfigError(f"{at}: unknown key {shown(name)} ({hint})")
+            values[name] = _convert(key.from_toml, raw, f"{at} {name} = {toml_value(raw)}")
+            sources[f"{LISTENER_TABLE} #{number} {name}"] = f"file {path}"
+        if "address" not in values:
+            raise ConfigError(f'{at}: address is missing (e.g. address = "0.0.0.0:8009")')
+        listener = cast(Any, Listener)(**values)
+        if listener.proxied and not listener.proxy_trusted:
+            raise ConfigError(
+                f"{at} proxy_protocol = {toml_value(listener.proxy_protocol)}: needs proxy_trusted, the "
+                'addresses of the proxies allowed to send a header (e.g. proxy_trusted = ["10.0.0.0/8"])'
+            )
+        for other_number, other in enumerate(listeners, 1):
+            if other.address == listener.address:
+                raise ConfigError(f"{at} address = {toml_value(str(listener.address))}: "
+                                  f"already the address of [[listener]] #{other_number}")
+            if listener.name is not None and other.name == listener.name:
+                raise ConfigError(f"{at} name = {toml_value(listener.name)}: "
+                                  f"already the name of [[listener]] #{other_number}")
+        listeners.append(listener)
+    return listeners, sources
 
 
 # --------------------------------------------------------------------------
@@ -702,15 +992,35 @@ def _shell(text: str) -> str:
     return shlex.quote(_cut(text)) if text.isprintable() else repr(_cut(text))
 
 
-def _not_regular(mode: int) -> str:
-    """'' for a regular file, else what the file is instead ('a FIFO', 'a directory', ...)."""
-    if stat.S_ISREG(mode):
-        return ""
-    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return kind
-    return "not a plain file"
+def _read_with_deadline(fd: int, wait_s: float, fifo: bool) -> bytes:
+    """Read a pipe or device (non-blocking *fd*) to its end; TimeoutError if it takes over *wait_s*.
+
+    A FIFO that never had a writer reads as an immediate end of file on Linux;
+    that is waited out too, until a writer has come (and maybe gone: POLLHUP).
+    """
+    deadline = time.monotonic() + wait_s
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    chunks: list[bytes] = []
+    size = 0
+    writer_seen = False
+    while size <= MAX_CONFIG_BYTES:
+        try:
+            chunk: bytes | None = os.read(fd, 65536)
+        except BlockingIOError:
+            chunk = None
+        if chunk:
+            chunks.append(chunk)
+            size += len(chunk)
+            continue
+        if chunk == b"" and (chunks or writer_seen or not fifo):
+            break
+        left = deadline - time.monotonic()
+        events = poller.poll(left * 1000) if left > 0 else []
+        if not events:
+            raise TimeoutError(f"nothing more arrived within {wait_s:g} s (a FIFO with no writer?)")
+        writer_seen = writer_seen or bool(events[0][1] & select.POLLHUP)
+    return b"".join(chunks)
 
 
 def _os_reason(err: BaseException) -> str:

@@ -30,7 +30,11 @@ import socketserver
 import time
 from typing import Any, Final
 
-from .protocol import LineDecoder, LineTooLong, TelnetFilter, count_lines, err_line_too_long, format_replies
+from .protocol import (ERR_BUSY, ERR_TOO_MANY_FROM_IP, LineDecoder, LineTooLong, TelnetFilter, count_lines,
+                       err_line_too_long, format_replies)
+from .access import normalize_address
+from .proxyproto import (V1_MAX_BYTES, V2_HEADER_BYTES, V2_MAX_LENGTH_BYTES, IPAddress, ProxyHeader,
+                         ProxyHeaderError, ProxyHeaderParser)
 from .state import Connection, ServerState, Stream
 
 logger = logging.getLogger(__name__)
@@ -47,6 +51,13 @@ _POLLIN: Final = select.POLLIN | select.POLLPRI
 _POLLOUT: Final = select.POLLOUT
 _POLLERR: Final = select.POLLERR | select.POLLHUP | select.POLLNVAL
 _PEER_GONE: Final = frozenset((errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ECONNABORTED, errno.ENOTCONN))
+# How much of a PROXY header to peek at: the longest header each mode allows.
+_PEEK_BYTES: Final = {"v1": V1_MAX_BYTES, "v2": V2_HEADER_BYTES + V2_MAX_LENGTH_BYTES,
+                      "any": V2_HEADER_BYTES + V2_MAX_LENGTH_BYTES}
+# What a refused peer reads before we close, by refusal reason (state.REFUSAL_REASONS).
+# A denied peer is told nothing: a scanner learns no more than from a closed port.
+REFUSAL_LINES: Final = {"busy": ERR_BUSY, "per-address": ERR_TOO_MANY_FROM_IP, "rate": ERR_TOO_MANY_FROM_IP,
+                        "denied": b""}
 
 
 class _Closed(Exception):
@@ -89,7 +100,9 @@ class Pipes:
         os.set_blocking(self.read_fd, flag)
         os.set_blocking(self.write_fd, flag)
 
-    def recv(self, bufsize: int, /) -> bytes:
+    def recv(self, bufsize: int, flags: int = 0, /) -> bytes:
+        if flags:  # MSG_PEEK, for a PROXY header: --stdio has no PROXY listener
+            raise ValueError(f"Pipes.recv: flags {flags} not supported")
         return os.read(self.read_fd, bufsize)
 
     def send(self, data: bytes | memoryview, /) -> int:
@@ -122,6 +135,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
                  state: ServerState, conn: Connection) -> None:
         self.state = state
         self.conn = conn
+        self._early = b""  # what came with the PROXY header: the client's first data
         super().__init__(request, client_address, server)  # type: ignore[arg-type] # None: --stdio
 
     def setup(self) -> None:
@@ -152,9 +166,111 @@ class EchoHandler(socketserver.BaseRequestHandler):
     def preamble(self) -> None:
         """The phases before the line loop, each bounded by its own deadline.
 
-        None yet: a PROXY header and a TLS handshake plug in here as methods that
-        wait with ``_wait_readable(deadline, reason)`` and raise ``_Closed``.
+        A PROXY header (on a PROXY listener, from a trusted proxy); a TLS
+        handshake plugs in after it, the same way: a method that waits with
+        ``_wait_readable(deadline, reason)`` and raises ``_Closed``.
         """
+        if self.conn.expect_proxy is not None:
+            self._read_proxy_header(self.conn.expect_proxy)
+
+    def _read_proxy_header(self, mode: str) -> None:
+        """Read the PROXY header within proxy_header_timeout_s; then the client it names is the peer.
+
+        Reads only as much as the parser says belongs to the header
+        (``safe_read_bytes``), so whatever follows (a TLS handshake, say) stays
+        in the socket; bytes that do come with the header are kept for the line
+        loop. A bad or late header closes the connection without a word (the
+        access event says why). A health check (LOCAL, UNKNOWN, a v1 header
+        naming the proxy itself, or a connect-and-close) stays the proxy's own
+        connection, holds no per-address slot, and is logged at debug.
+        """
+        conn = self.conn
+        deadline = time.monotonic() + self.state.config.proxy_header_timeout_s
+        parser = ProxyHeaderParser(mode)
+        recv = self.request.recv
+        found: tuple[ProxyHeader, bytes] | None = None
+        try:
+            found = self._peek_proxy_header(mode, deadline)
+            while found is None:
+                self._wait_readable(deadline, "proxy-timeout")
+                try:
+                    data = recv(parser.safe_read_bytes())
+                except BlockingIOError:
+                    continue
+                if not data:
+                    if not parser.received_bytes:  # connected and closed: a health check
+                        conn.quiet = True
+                        raise _Closed("eof")
+                    parser.finish()
+                conn.bytes_in += len(data)
+                found = parser.feed(data)
+        except ProxyHeaderError as err:
+            conn.detail = err.reason
+            raise _Closed("proxy-invalid") from None
+        header, self._early = found
+        conn.bytes_in = len(self._early)  # the header is the proxy's; bytes_in counts the client's
+        for field in ("authority", "aws_vpce_id"):
+            if (value := getattr(header, field)) is not None:
+                conn.tlvs[field] = value
+        if header.alpn is not None:
+            conn.tlvs["alpn"] = header.alpn.decode("ascii", "backslashreplace")
+        client = header.client
+        if client is None or self._names_the_proxy(client):
+            # LOCAL, UNKNOWN, UNIX, unknown families, and haproxy's v1 check (it names itself).
+            conn.quiet = True
+            return
+        refusal = self.state.readmit(conn, (str(client[0]), client[1]))
+        if refusal is not None:
+            line = REFUSAL_LINES[refusal]
+            if line:
+                self._send(line)
+                self._linger(time.monotonic() + LINGER_S)
+            raise _Closed("eof")
+
+    def _peek_proxy_header(self, mode: str, deadline: float) -> tuple[ProxyHeader, bytes] | None:
+        """The usual case in two system calls: the whole header in the first segment.
+
+        Peeks at what has arrived; if it holds a complete header, takes exactly
+        the header's bytes off the socket (what follows stays there for the line
+        loop, or a TLS handshake). None: not complete yet, nothing taken; the
+        caller reads it piece by piece. A peer that closed at once, or bytes that
+        cannot start a header, end the connection here.
+        """
+        size = _PEEK_BYTES[mode]
+        try:  # the header is usually there by the time a thread runs: skip the poll() then
+            data = self.request.recv(size, socket.MSG_PEEK)
+        except BlockingIOError:
+            self._wait_readable(deadline, "proxy-timeout")
+            try:
+                data = self.request.recv(size, socket.MSG_PEEK)
+            except BlockingIOError:
+                return None
+        if not data:  # connected and closed: a health check
+            self.conn.quiet = True
+            raise _Closed("eof")
+        try:
+            found = ProxyHeaderParser(mode).feed(data)
+        except ProxyHeaderError:
+            return None  # the caller reads the same bytes for real and meets the same error
+        if found is None:
+            return None
+        header, _ = found
+        taken = 0
+        while taken < header.header_bytes:  # peeked bytes are there: this takes them at once
+            taken += len(self.request.recv(header.header_bytes - taken))
+        self.conn.bytes_in += taken
+        return header, b""
+
+    def _names_the_proxy(self, client: tuple[IPAddress, int]) -> bool:
+        """Whether the header's client is the connection's own peer (a dual-stack socket's
+        ``::ffff:10.0.0.5`` is ``10.0.0.5``)."""
+        host, port = self.client_address[:2]
+        if client[1] != port:
+            return False
+        try:
+            return normalize_address(str(host).partition("%")[0]) == normalize_address(client[0])
+        except ValueError:
+            return False
 
     def _wait_readable(self, deadline: float, reason: str) -> None:
         """Wait until the peer sent something; ``_Closed(reason)`` at *deadline*, "shutdown" on a stop."""
@@ -176,6 +292,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
         monotonic = time.monotonic
         last_read = monotonic()
         line_started = 0.0  # when the first byte of the unfinished line arrived
+        early, self._early = self._early, b""  # what came with a PROXY header: answered first
         while True:
             config = state.config  # a reload applies from the next read
             decoder.max_line_bytes = config.max_line_bytes
@@ -188,23 +305,26 @@ class EchoHandler(socketserver.BaseRequestHandler):
                     wait, why = slow_left, "slow"
             if wait <= 0:
                 raise _Closed(why)
-            # A blocking recv() with SO_RCVTIMEO would save this poll(), but then only
-            # shutdown(SHUT_RD) could wake us for a stop, and the kernel resets a peer
-            # that sends after that; the saving measured within the noise (docs/performance.md).
-            if not poll(wait * 1000 + 1):
-                continue  # loop to re-check the deadlines
-            if state.stopping:
-                self._finish_for_stop(decoder, telnet)
-            try:
-                data = recv(RECV_BYTES)
-            except BlockingIOError:
-                continue
-            if not data:
-                if telnet is None or not telnet.interrupted:
-                    self._answer(decoder.finish())
-                raise _Closed("eof")
+            if early:
+                data, early = early, b""  # already counted in bytes_in
+            else:
+                # A blocking recv() with SO_RCVTIMEO would save this poll(), but then only
+                # shutdown(SHUT_RD) could wake us for a stop, and the kernel resets a peer
+                # that sends after that; the saving measured within the noise (docs/performance.md).
+                if not poll(wait * 1000 + 1):
+                    continue  # loop to re-check the deadlines
+                if state.stopping:
+                    self._finish_for_stop(decoder, telnet)
+                try:
+                    data = recv(RECV_BYTES)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    if telnet is None or not telnet.interrupted:
+                        self._answer(decoder.finish())
+                    raise _Closed("eof")
+                self.conn.bytes_in += len(data)
             last_read = monotonic()
-            self.conn.bytes_in += len(data)
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug("%s sent %d bytes: %s", self.conn.peer, len(data), _escape(data))
             had_pending = decoder.pending
@@ -231,7 +351,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
         if block:
             state = self.state
             self.conn.lines += count_lines(block)
-            self._send(format_replies(block, state.stamper(state.clock())) + tail)
+            self._send(format_replies(block, state.stamper(state.clock()), state.prefixer) + tail)
         elif tail:
             self._send(tail)
 
@@ -341,25 +461,46 @@ class EchoHandler(socketserver.BaseRequestHandler):
         raise _Closed("shutdown")
 
 
-
 def log_access(conn: Connection) -> None:
-    """The access event of a connection that has ended: one line, and fields for the JSON log."""
+    """The access event of a connection that has ended: one line, and fields for the JSON log.
+
+    The line starts with the client (``203.0.113.7:51544 closed reason=...``); a
+    connection a PROXY header relayed ends with `` via=<the proxy>``, so parsers of
+    the line's start keep working. A proxy's health check is logged at debug.
+    """
+    level = logging.DEBUG if conn.quiet else logging.INFO
+    if not logger.isEnabledFor(level):
+        return
     duration = time.monotonic() - conn.started
-    logger.info(
-        "%s closed reason=%s duration_s=%.3f lines=%d bytes_in=%d bytes_out=%d",
+    extra: dict[str, object] = {
+        "event": "access",
+        "peer": conn.peer,
+        "reason": conn.reason,
+        "duration_s": round(duration, 6),
+        "lines": conn.lines,
+        "bytes_in": conn.bytes_in,
+        "bytes_out": conn.bytes_out,
+    }
+    tail = ""
+    if conn.via is not None:
+        extra["via"] = conn.via
+        tail += f" via={conn.via}"
+    if conn.quiet:
+        extra["health_check"] = True
+        tail += " health-check"
+    if conn.detail is not None:
+        extra["detail"] = conn.detail
+        tail += f" detail={conn.detail}"  # last: it has spaces (the formatter escapes control characters)
+    extra.update(conn.tlvs)
+    logger.log(
+        level,
+        "%s closed reason=%s duration_s=%.3f lines=%d bytes_in=%d bytes_out=%d%s",
         conn.peer,
         conn.reason,
         duration,
         conn.lines,
         conn.bytes_in,
         conn.bytes_out,
-        extra={
-            "event": "access",
-            "peer": conn.peer,
-            "reason": conn.reason,
-            "duration_s": round(duration, 6),
-            "lines": conn.lines,
-            "bytes_in": conn.bytes_in,
-            "bytes_out": conn.bytes_out,
-        },
+        tail,
+        extra=extra,
     )

@@ -24,7 +24,8 @@ ROOT_LOGGER: Final = "tsecho"
 LOG_FILE_MODE: Final = 0o640
 _TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _JOURNAL_FORMAT: Final = "%(levelname)s %(name)s: %(message)s"
-_EVENT_FIELDS: Final = ("event", "peer", "reason", "duration_s", "lines", "bytes_in", "bytes_out")
+_EVENT_FIELDS: Final = ("event", "peer", "via", "reason", "duration_s", "lines", "bytes_in", "bytes_out", "detail",
+                         "health_check", "authority", "alpn", "aws_vpce_id")
 _SYSLOG_PRIORITY: Final = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
 # Control characters (but tab) in a message could forge or garble log lines.
 _CONTROL: Final = {c: f"\\x{c:02x}" for c in range(32) if c != 9} | {127: "\\x7f"}

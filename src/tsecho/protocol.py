@@ -127,14 +127,37 @@ class LineDecoder:
             start = lf + 1
 
 
-def format_replies(block: bytes, stamp: bytes) -> bytes:
-    """The replies to a block of complete lines: each line behind ``[stamp] ``.
+Prefixer = Callable[[bytes], bytes]
+
+DEFAULT_PREFIX: Final = "[{stamp}] "
+PREFIX_PLACEHOLDERS: Final = ("stamp", "host", "instance", "worker")
+
+
+def make_prefixer(template: str, host: str, instance: str, worker: int) -> Prefixer | None:
+    """Turn an ``[echo] prefix`` template into stamp -> prefix bytes; None for the default.
+
+    Everything but ``{stamp}`` is fixed for the process, so it is filled in here,
+    once: what is returned only joins three byte strings, and format_replies
+    calls it once per block, never per line. The default returns None, so the
+    default path costs exactly what it did. The template was validated by
+    config.py (known placeholders, ``{stamp}`` once, printable).
+    """
+    if template == DEFAULT_PREFIX:
+        return None
+    rendered = template.format(stamp="\0", host=host, instance=instance, worker=worker)
+    head, _, tail = rendered.partition("\0")
+    head_bytes, tail_bytes = head.encode("utf-8", "backslashreplace"), tail.encode("utf-8", "backslashreplace")
+    return lambda stamp: head_bytes + stamp + tail_bytes
+
+
+def format_replies(block: bytes, stamp: bytes, prefixer: Prefixer | None = None) -> bytes:
+    """The replies to a block of complete lines: each line behind ``[stamp] `` (or *prefixer*'s prefix).
 
     The line's bytes, its CR included, come back unchanged.
     """
     if not block:
         return b""
-    prefix = b"[" + stamp + b"] "
+    prefix = b"[" + stamp + b"] " if prefixer is None else prefixer(stamp)
     return prefix + block[:-1].replace(b"\n", b"\n" + prefix) + b"\n"
 
 

@@ -6,9 +6,11 @@ live connections, counters, stop) and one ``ReadyThreads`` (the threads that
 serve connections). Process control (signals, reload, notify) is service.py's;
 one connection's life is handler.py's.
 
-accept -> ``ServerState.admit`` (limits; a refusal gets its ERR line without a
-thread) -> a parked or new thread -> ``EchoHandler`` -> close -> access event
--> release.
+accept -> on a PROXY listener, is the peer in proxy_trusted? (no: closed, or
+served as a direct client) -> ``ServerState.admit`` (rules, rate, limits; a
+refusal gets its ERR line, or nothing if denied, without a thread) -> a parked
+or new thread -> ``EchoHandler`` (its preamble reads the PROXY header and
+re-admits the client it names) -> close -> access event -> release.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 
-from .address import ListenAddress, peer_name
+from .address import ListenAddress, parse_listen, peer_name
 from .config import Config
-from .handler import EchoHandler, log_access
-from .protocol import ERR_BUSY, ERR_TOO_MANY_FROM_IP
+from .handler import REFUSAL_LINES, EchoHandler, log_access
+from .protocol import ERR_BUSY
 from .state import REFUSAL_SUMMARY_EVERY_S, Connection, ServerState
 
 logger = logging.getLogger(__name__)
@@ -40,8 +42,6 @@ PARK_S: Final = 2.0
 # address space and about 4 KiB of page tables per connection at 10,000 connections.
 THREAD_STACK_BYTES: Final = 512 * 1024
 _OUT_OF_FDS: Final = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
-# What a refused peer reads before we close, by ServerState.admit's reason.
-_REFUSAL_LINES: Final = {"busy": ERR_BUSY, "per-address": ERR_TOO_MANY_FROM_IP}
 
 
 class ListenError(Exception):
@@ -119,8 +119,11 @@ class EchoServer(socketserver.ThreadingTCPServer):
     handler_class: type[EchoHandler] = EchoHandler
 
     def __init__(self, listen: ListenAddress | socket.socket, state: ServerState,
-                 threads: ReadyThreads | None = None) -> None:
+                 threads: ReadyThreads | None = None, listener_index: int | None = None) -> None:
         self.state = state
+        # Which of state.config.listeners this socket serves (None: a plain socket from
+        # systemd with no [[listener]] tables). Read at every accept, so a reload applies.
+        self.listener_index = listener_index
         self.threads = threads or ReadyThreads()
         self.alive_at = time.monotonic()
         self._fd_warning_at = 0.0
@@ -175,10 +178,20 @@ class EchoServer(socketserver.ThreadingTCPServer):
                            os.strerror(err.errno or 0).lower())
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        admitted = self.state.admit(request, client_address)
+        state = self.state
+        proxy = None
+        index = self.listener_index
+        if index is not None and (listener := state.config.listeners[index]).proxied:
+            if state.is_trusted(index, client_address[0]):
+                proxy = listener.proxy_protocol
+            elif listener.proxy_untrusted == "refuse":
+                _close_untrusted(request, client_address, state)
+                return
+            # else "direct": an untrusted peer is served as the client it is
+        admitted = state.admit(request, client_address, proxy)
         if isinstance(admitted, str):
-            _refuse(request, _REFUSAL_LINES[admitted])
-            log_refusals(self.state)
+            _refuse(request, REFUSAL_LINES[admitted])
+            log_refusals(state)
             return
         try:
             self.threads.run(self._serve_connection, request, client_address, admitted)
@@ -196,7 +209,10 @@ class EchoServer(socketserver.ThreadingTCPServer):
         finally:
             request.close()  # the peer has its FIN before the access event is written
             try:
-                log_access(conn)
+                if conn.refused is None:
+                    log_access(conn)
+                else:  # refused once its PROXY header named the client: a refusal, not an access
+                    log_refusals(self.state)
             finally:
                 self.state.release(conn)  # last: a stop waits for every release, so no event is lost
                 thread.name = "tsecho-conn-parked"
@@ -213,17 +229,32 @@ def log_refusals(state: ServerState, force: bool = False) -> None:
         return
     count, window = taken
     config = state.config
+    more = ""
+    if config.rules:
+        more += f", {len(config.rules)} access rules"
+    if config.connection_rate_per_ip:
+        more += f", connection_rate_per_ip={config.connection_rate_per_ip:g}"
     logger.warning(
-        "refused %d connections in the last %.0f s (limits: max_connections=%d, max_connections_per_ip=%d)",
-        count, window, config.max_connections, config.max_connections_per_ip,
+        "refused %d connections in the last %.0f s (limits: max_connections=%d, max_connections_per_ip=%d%s)",
+        count, window, config.max_connections, config.max_connections_per_ip, more,
     )
 
 
+def _close_untrusted(sock: socket.socket, client_address: Any, state: ServerState) -> None:
+    """A peer outside proxy_trusted on a PROXY listener (proxy_untrusted = "refuse"): close, log once."""
+    sock.close()  # without a word: its header is not believed, and it is told nothing
+    state.record_untrusted()
+    conn = Connection(sock, client_address, counted=False)
+    conn.reason = "proxy-untrusted"
+    log_access(conn)
+
+
 def _refuse(sock: socket.socket, line: bytes) -> None:
-    """Answer a refused connection with its ERR line and close it, without a thread."""
+    """Answer a refused connection with its ERR line (none if denied) and close it, without a thread."""
     try:
         sock.setblocking(False)
-        sock.send(line)
+        if line:
+            sock.send(line)
         sock.shutdown(socket.SHUT_WR)
     except OSError:
         pass  # the peer is gone or its buffer is full: the close says the rest
@@ -232,9 +263,9 @@ def _refuse(sock: socket.socket, line: bytes) -> None:
 
 
 def open_servers(
-    config: Config, state: ServerState, inherited: Sequence[socket.socket] = ()
+    config: Config, state: ServerState, inherited: Sequence[tuple[socket.socket, int | None]] = ()
 ) -> list[EchoServer]:
-    """Open one EchoServer per listen address (or per inherited socket).
+    """Open one EchoServer per listener (or per inherited socket, with its listener's index).
 
     Raises ListenError with an actionable message; none stays open if one fails.
     """
@@ -242,15 +273,56 @@ def open_servers(
     threads = ReadyThreads()
     try:
         if inherited:
-            servers.extend(EchoServer(sock, state, threads) for sock in inherited)
+            servers.extend(EchoServer(sock, state, threads, index) for sock, index in inherited)
         else:
-            for address in config.listen:
-                servers.append(_listen(address, state, threads))
+            for index, listener in enumerate(config.listeners):
+                servers.append(_listen(listener.address, state, threads, index))
     except BaseException:
         for server in servers:
             server.server_close()
         raise
     return servers
+
+
+def match_inherited(config: Config, named: Sequence[tuple[str, socket.socket]]) -> list[tuple[socket.socket, int | None]]:
+    """Give each socket systemd passed in its listener: by FileDescriptorName=, else by bound address.
+
+    A socket whose name is a listener's ``name`` serves that listener; otherwise
+    one bound to a listener's exact address does. Without [[listener]] tables
+    every socket is plain, as before listeners had settings. With tables, a
+    socket that matches none is a ListenError: serving it plain could expose a
+    PROXY port's clients as the proxy, or take headers from anyone.
+    """
+    if not named:
+        return []
+    if len(config.listeners) == len(config.listen):  # no tables: all plain
+        return [(sock, None) for _, sock in named]
+    by_name = {listener.name: i for i, listener in enumerate(config.listeners) if listener.name is not None}
+    by_address = {_normal(listener.address): i for i, listener in enumerate(config.listeners)}
+    matched: list[tuple[socket.socket, int | None]] = []
+    for name, sock in named:
+        bound = peer_name(sock.getsockname())
+        index = by_name.get(name)
+        if index is None:
+            index = by_address.get(_normal(parse_listen(bound)))
+        if index is None:
+            names = ", ".join(sorted(n for n in by_name if n)) or "none set"
+            raise ListenError(
+                f"socket activation: the socket named {name!r} on {bound} matches no [[listener]] "
+                f"(by name: {names}; or by address): set FileDescriptorName= in the .socket unit to a "
+                f"listener's name, or add a [[listener]] with address = \"{bound}\""
+            )
+        matched.append((sock, index))
+    served = {index for _, index in matched}
+    for index, listener in enumerate(config.listeners):
+        if index not in served and index >= len(config.listen):
+            logger.warning("[[listener]] %s (%s) got no socket from systemd: not listening there",
+                           listener.name or f"#{index - len(config.listen) + 1}", listener.address)
+    return matched
+
+
+def _normal(address: ListenAddress) -> tuple[str, int]:
+    return address.host, address.port
 
 
 def _socket_address(listen: ListenAddress) -> tuple[Any, ...]:
@@ -260,9 +332,9 @@ def _socket_address(listen: ListenAddress) -> tuple[Any, ...]:
     return (listen.host, listen.port)
 
 
-def _listen(address: ListenAddress, state: ServerState, threads: ReadyThreads) -> EchoServer:
+def _listen(address: ListenAddress, state: ServerState, threads: ReadyThreads, index: int | None = None) -> EchoServer:
     try:
-        return EchoServer(address, state, threads)
+        return EchoServer(address, state, threads, index)
     except OSError as err:
         raise listen_error(address, err) from err
 

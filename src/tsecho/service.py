@@ -94,6 +94,13 @@ def reload_config(load_config: Callable[[], Config], running: Config) -> Config:
             logger.warning("reload: %s changed; it applies only after a restart (systemctl restart tsechod)",
                            key.name)
             kept[key.name] = getattr(running, key.name)
+    # A listener's address and name are its socket: they need a restart. Its PROXY settings
+    # reload, matched by position, which is safe only while the list of sockets is the same.
+    if _sockets_of(new) != _sockets_of(running):
+        if "listen" not in kept:
+            logger.warning("reload: the [[listener]] addresses or names changed; they apply only after a "
+                           "restart (systemctl restart tsechod); the running listeners keep their settings")
+        kept["listeners"] = running.listeners
     new = dataclasses.replace(new, **kept)
     try:
         configure_logging(new)
@@ -104,6 +111,10 @@ def reload_config(load_config: Callable[[], Config], running: Config) -> Config:
             log_format=running.log_format, log_level=running.log_level,
         )
     return new
+
+
+def _sockets_of(config: Config) -> list[tuple[object, ...]]:
+    return [(listener.address, listener.name) for listener in config.listeners]
 
 
 class Reporter(Protocol):
@@ -277,8 +288,9 @@ class Service(ProcessControl):
         else:
             self.state.reloads.record(True, time.time())
             self.state.apply(new)
-            logger.info("reloaded config: timestamp=%s max_line_bytes=%d log_level=%s",
-                        new.timestamp, new.max_line_bytes, new.log_level)
+            logger.info("reloaded config: timestamp=%s max_line_bytes=%d log_level=%s rules=%d "
+                        "connection_rate_per_ip=%g", new.timestamp, new.max_line_bytes, new.log_level,
+                        len(new.rules), new.connection_rate_per_ip)
         self.reporter.reloaded()
 
     def stop(self) -> int:

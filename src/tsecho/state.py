@@ -7,6 +7,9 @@ neither imports the other for it. Each admitted connection gets a
 The counters live here, once: systemd's STATUS=, the logs, the supervisor's
 sums and the metrics endpoint all read them through ``ServerState.figures()``,
 so they always agree. ``Reloads`` counts how SIGHUPs went, for the metrics.
+Admission lives here too: the limits, the access rules and the rate buckets
+(access.py) and each listener's proxy_trusted, checked by ``admit`` on a
+direct client at accept and by ``readmit`` on the client a PROXY header names.
 """
 
 from __future__ import annotations
@@ -20,16 +23,20 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Final, Protocol
 
+from .access import AccessRules, ConnectionRateLimiter, normalize_address
 from .address import peer_name
-from .config import Config
-from .protocol import Stamper, make_stamper
+from .config import Config, Listener
+from .protocol import DEFAULT_PREFIX, Prefixer, Stamper, make_prefixer, make_stamper
+from .systemd import unit_instance
 
 # Refusals are logged as one summary line at most this often.
 REFUSAL_SUMMARY_EVERY_S: Final = 10.0
 # Why a connection ended, as its access event says (docs/operations.md lists them).
-CLOSE_REASONS: Final = ("eof", "idle", "slow", "stalled", "reset", "too-long", "interrupt", "shutdown", "error")
-# Why a connection was refused before a thread started.
-REFUSAL_REASONS: Final = ("busy", "per-address")
+CLOSE_REASONS: Final = ("eof", "idle", "slow", "stalled", "reset", "too-long", "interrupt", "shutdown", "error",
+                        "proxy-timeout", "proxy-invalid", "proxy-untrusted")
+# Why a connection was refused before it was served: at accept, before a thread started, or on a
+# PROXY listener right after the header (the client's address is known only then).
+REFUSAL_REASONS: Final = ("busy", "per-address", "rate", "denied")
 # Figures as a flat vector of ints (the supervisor's shared memory holds one per worker).
 FIGURES_SIZE: Final = 5 + len(REFUSAL_REASONS) + len(CLOSE_REASONS)
 
@@ -44,7 +51,7 @@ class Stream(Protocol):
 
     def fileno(self) -> int: ...
     def setblocking(self, flag: bool, /) -> None: ...
-    def recv(self, bufsize: int, /) -> bytes: ...
+    def recv(self, bufsize: int, flags: int = 0, /) -> bytes: ...
     def send(self, data: bytes | memoryview, /) -> int: ...
     def shutdown(self, how: int, /) -> None: ...
     def close(self) -> None: ...
@@ -58,17 +65,27 @@ class Connection:
     otherwise, so a connection ended by a bug is counted as one.
     """
 
-    __slots__ = ("sock", "peer", "ip", "started", "lines", "bytes_in", "bytes_out", "reason")
+    __slots__ = ("sock", "peer", "ip", "started", "lines", "bytes_in", "bytes_out", "reason", "counted_ip",
+                 "expect_proxy", "via", "quiet", "refused", "detail", "tlvs")
 
-    def __init__(self, sock: Stream, address: tuple[str, int]) -> None:
+    def __init__(self, sock: Stream, address: tuple[str, int], counted: bool = True) -> None:
         self.sock = sock
-        self.peer = peer_name(address)
+        self.peer = peer_name(address)  # the client: after a PROXY header, the one it names
         self.ip = address[0]
         self.started = time.monotonic()
         self.lines = 0
         self.bytes_in = 0
         self.bytes_out = 0
         self.reason = "error"
+        # The address this connection holds a per-address slot of (None: none, e.g. a
+        # trusted proxy's connection before its header, or a health check).
+        self.counted_ip: str | None = self.ip if counted else None
+        self.expect_proxy: str | None = None  # the PROXY mode to read a header in, if any
+        self.via: str | None = None  # the proxy's address, once a header named the client
+        self.quiet = False  # a proxy's health check: its access event is logged at debug
+        self.refused: str | None = None  # refused after the header: no access event, a refusal
+        self.detail: str | None = None  # why a PROXY header was refused, for the access event
+        self.tlvs: dict[str, str] = {}  # PROXY v2 TLVs worth logging (authority, alpn, aws_vpce_id)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -141,9 +158,14 @@ class ServerState:
     afresh for every read, so a reload applies from the next line.
     """
 
-    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time, worker: int = 0) -> None:
         self.config = config
         self.stamper: Stamper = make_stamper(config.timestamp, config.utc)
+        self.worker = worker  # this process's index among the workers; 0 when workers = 1
+        self.prefixer = self._make_prefixer(config)
+        self.rules = AccessRules.parse(config.rules)
+        self.rate = ConnectionRateLimiter(config.connection_rate_per_ip, config.connection_burst_per_ip)
+        self.trusted = _trusted(config.listeners)
         self.clock = clock
         self.stopping = False
         self.stop_deadline = 0.0
@@ -173,37 +195,124 @@ class ServerState:
     def apply(self, config: Config) -> None:
         """Switch to *config* (after a reload); live connections use it from their next line."""
         self.stamper = make_stamper(config.timestamp, config.utc)
+        self.prefixer = self._make_prefixer(config)
+        self.rules = AccessRules.parse(config.rules)
+        self.rate.reconfigure(config.connection_rate_per_ip, config.connection_burst_per_ip)
+        self.trusted = _trusted(config.listeners)
         self.config = config
+
+    def _make_prefixer(self, config: Config) -> Prefixer | None:
+        if config.prefix == DEFAULT_PREFIX:
+            return None  # today's format: nothing to look up, nothing to call per read
+        return make_prefixer(config.prefix, socket.gethostname(), unit_instance(), self.worker)
 
     # -- admission -------------------------------------------------------------------
 
-    def admit(self, sock: socket.socket, address: tuple[str, int]) -> Connection | str:
-        """Register a new connection, or return the reason it is refused (one of REFUSAL_REASONS)."""
+    def admit(self, sock: socket.socket, address: tuple[str, int], proxy: str | None = None) -> Connection | str:
+        """Register a new connection, or return the reason it is refused (one of REFUSAL_REASONS).
+
+        *proxy* is the PROXY mode when the peer is a trusted proxy whose header is still to
+        come: then only max_connections applies now, and ``readmit`` checks the client
+        the header names. Otherwise the peer is the client: rules, rate and the
+        per-address limit apply to it.
+        """
         config = self.config
         ip = address[0]
+        refusal = None if proxy is not None else self._check_access(ip)
         with self._lock:
-            if len(self._live) >= config.max_connections:
+            if refusal is not None:
+                pass
+            elif len(self._live) >= config.max_connections:
                 refusal = "busy"
-            elif self._per_ip[ip] >= config.max_connections_per_ip:
+            elif proxy is None and self._per_ip[ip] >= config.max_connections_per_ip:
                 refusal = "per-address"
             else:
-                conn = Connection(sock, address)
+                conn = Connection(sock, address, counted=proxy is None)
+                conn.expect_proxy = proxy
                 self._live[sock] = conn
-                self._per_ip[ip] += 1
+                if proxy is None:
+                    self._per_ip[ip] += 1
                 self._accepted += 1
                 return conn
-            self._refused[REFUSAL_REASONS.index(refusal)] += 1
-            self._refused_unlogged += 1
+            self._count_refusal(refusal)
         return refusal
+
+    def readmit(self, conn: Connection, client: tuple[str, int]) -> str | None:
+        """A PROXY header named *client*: admit it as that client, or return why it is refused.
+
+        Rules, rate and the per-address limit now apply to the client, and the
+        connection holds the client's per-address slot (the proxy's address holds
+        none). A refused connection leaves the registry and counts as a refusal,
+        not as an accepted connection; the caller closes it, without an access event.
+        """
+        config = self.config
+        ip = client[0]
+        refusal = self._check_access(ip)
+        with self._lock:
+            if refusal is None and self._per_ip[ip] >= config.max_connections_per_ip:
+                refusal = "per-address"
+            if refusal is None:
+                self._per_ip[ip] += 1
+                conn.counted_ip = ip
+            elif self._live.pop(conn.sock, None) is not None:
+                self._accepted -= 1
+                self._count_refusal(refusal)
+                if not self._live:
+                    self._all_closed.notify_all()
+        conn.via = conn.peer
+        conn.peer = peer_name(client)
+        conn.ip = ip
+        conn.refused = refusal
+        return refusal
+
+    def _check_access(self, ip: str) -> str | None:
+        """Rules, then rate, for a client address: "denied", "rate" or None (allowed).
+
+        Costs nothing while both are off (the defaults); else one address parse,
+        a walk over the rules, and one bucket update under the limiter's lock.
+        """
+        rules, rate = self.rules, self.rate
+        if not rules and not rate.enabled:
+            return None
+        try:
+            address = normalize_address(ip.partition("%")[0])
+        except ValueError:  # not an IP socket (can't happen on a TCP listener): nothing to check
+            return None
+        if rules and not rules.check(address).allowed:
+            return "denied"
+        if not rate.admit(address, time.monotonic()):
+            return "rate"
+        return None
+
+    def _count_refusal(self, refusal: str) -> None:
+        # Under self._lock.
+        self._refused[REFUSAL_REASONS.index(refusal)] += 1
+        self._refused_unlogged += 1
+
+    def record_untrusted(self) -> None:
+        """A peer sent to a PROXY listener from outside proxy_trusted was closed at accept."""
+        with self._lock:
+            self._accepted += 1
+            self._closed[CLOSE_REASONS.index("proxy-untrusted")] += 1
+
+    def is_trusted(self, listener_index: int, ip: str) -> bool:
+        """Whether *ip* is in the proxy_trusted of listener *listener_index* (as of the running config)."""
+        matcher = self.trusted[listener_index]
+        try:
+            return matcher.check(ip.partition("%")[0]).rule is not None
+        except ValueError:
+            return False
 
     def release(self, conn: Connection) -> None:
         """The connection has ended (its socket is closed): count it, free its slot."""
         with self._lock:
             if self._live.pop(conn.sock, None) is None:
                 return
-            self._per_ip[conn.ip] -= 1
-            if not self._per_ip[conn.ip]:
-                del self._per_ip[conn.ip]
+            ip = conn.counted_ip
+            if ip is not None:
+                self._per_ip[ip] -= 1
+                if not self._per_ip[ip]:
+                    del self._per_ip[ip]
             self._ended[0] += conn.lines
             self._ended[1] += conn.bytes_in
             self._ended[2] += conn.bytes_out
@@ -273,3 +382,8 @@ class ServerState:
     def close(self) -> None:
         os.close(self._stop_r)
         os.close(self._stop_w)
+
+
+def _trusted(listeners: Iterable[Listener]) -> list[AccessRules]:
+    """Per listener, its proxy_trusted networks as rules: a match (any rule) means trusted."""
+    return [AccessRules.parse([f"allow {network}" for network in listener.proxy_trusted]) for listener in listeners]

@@ -109,7 +109,7 @@ class Supervisor(ProcessControl):
     def __init__(
         self,
         config: Config,
-        sockets: Sequence[socket.socket],
+        sockets: Sequence[tuple[socket.socket, int | None]],  # each with its listener's index
         load_config: Callable[[], Config],
         reporter: SystemdReporter | None = None,
         metrics_socket: socket.socket | None = None,
@@ -309,9 +309,9 @@ class Supervisor(ProcessControl):
         if self.metrics is not None:
             self.metrics.socket.close()  # the supervisor's: a worker serves no metrics
         _stop_with_parent(self._supervisor_pid)
-        state = ServerState(self.config)
+        state = ServerState(self.config, worker=index)
         threads = ReadyThreads()
-        servers = [EchoServer(sock, state, threads) for sock in self.sockets]
+        servers = [EchoServer(sock, state, threads, index) for sock, index in self.sockets]
         reporter = WorkerReporter(index, self._figures, self._ready_w)
         # Installs the worker's own handlers and takes any signal that waited meanwhile.
         return Service(servers, state, self.load_config, reporter=reporter).run_until_stopped()

@@ -158,6 +158,29 @@ def watchdog_interval_s(environ: Mapping[str, str] = os.environ) -> float | None
     return usec / 1_000_000
 
 
+def unit_instance(environ: Mapping[str, str] = os.environ, cgroup_path: str = "/proc/self/cgroup") -> str:
+    """The name of this service for ``{instance}`` in the reply prefix.
+
+    Under systemd (INVOCATION_ID set) the unit is the ``*.service`` component of
+    our cgroup (``0::/system.slice/system-tsechod.slice/tsechod@b.service``): a
+    template unit gives its instance (``b``), any other unit its name without
+    ``.service`` (``tsechod-b``). Elsewhere, or if the cgroup says nothing, the
+    process id: distinct per process, which is what the prefix is for.
+    """
+    if environ.get("INVOCATION_ID"):
+        try:
+            with open(cgroup_path, encoding="utf-8", errors="replace") as file:
+                text = file.read(65536)
+        except OSError:
+            text = ""
+        for line in text.splitlines():
+            for part in reversed(line.rpartition(":")[2].split("/")):
+                if part.endswith(".service"):
+                    unit = part.removesuffix(".service")
+                    return unit.partition("@")[2] or unit
+    return str(os.getpid())
+
+
 def monotonic_usec() -> int:
     """CLOCK_MONOTONIC in microseconds, the clock systemd expects in ``MONOTONIC_USEC=``."""
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
