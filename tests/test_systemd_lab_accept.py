@@ -15,7 +15,6 @@ daemon's units are back as install.sh left them.
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import time
 import urllib.request
