@@ -9,6 +9,8 @@
 #   /usr/local/bin/{tsechod,tsecho}   symlinks into the venv
 #   /etc/tsechod/tsechod.toml         the config: created from etc/tsechod.toml, never overwritten
 #   /etc/systemd/system/tsechod.{service,socket}
+#   /etc/systemd/system/tsechod-accept{.socket,@.service}   one process per connection (not enabled:
+#                                     an alternative to tsechod.socket on the same port)
 #   /etc/logrotate.d/tsechod
 #   /usr/local/share/man/man{1,5,8}   tsecho(1), tsechod.toml(5), tsechod(8)
 # Then: systemctl daemon-reload, enable tsechod.socket + tsechod.service, and (when systemd is
@@ -170,7 +172,8 @@ fi
   || die "$PYTHON is $("$PYTHON" -V 2>&1); tsechod needs Python 3.11 or newer"
 "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null \
   || die "$PYTHON cannot create virtualenvs (apt-get install python3-venv)"
-for f in pyproject.toml systemd/tsechod.service systemd/tsechod.socket etc/tsechod.toml etc/logrotate.d/tsechod; do
+for f in pyproject.toml systemd/tsechod.service systemd/tsechod.socket systemd/tsechod-accept.socket \
+  systemd/tsechod-accept@.service etc/tsechod.toml etc/logrotate.d/tsechod; do
   [[ -f $REPO/$f ]] || die "$REPO/$f is missing: run this from a complete tsecho checkout"
 done
 
@@ -212,6 +215,8 @@ fi
 # 3. Units, logrotate, man pages.
 install -m 0644 "$REPO/systemd/tsechod.service" "$REPO/systemd/tsechod.socket" "$UNIT_DIR/"
 say "installed $UNIT_DIR/tsechod.service and $UNIT_DIR/tsechod.socket"
+install -m 0644 "$REPO/systemd/tsechod-accept.socket" "$REPO/systemd/tsechod-accept@.service" "$UNIT_DIR/"
+say "installed $UNIT_DIR/tsechod-accept.socket and $UNIT_DIR/tsechod-accept@.service (not enabled; see docs/operations.md)"
 install -d -m 0755 "$LOGROTATE_DIR"
 install -m 0644 "$REPO/etc/logrotate.d/tsechod" "$LOGROTATE_DIR/tsechod"
 say "installed $LOGROTATE_DIR/tsechod"

@@ -11,6 +11,8 @@ UNIT_DIR=/etc/systemd/system
 MAN_DIR=/usr/local/share/man
 BIN_DIR=/usr/local/bin
 UNITS=(tsechod.service tsechod.socket)
+# One process per connection: never enabled by install.sh; the template is stopped by its instances.
+ACCEPT_UNITS=(tsechod-accept.socket tsechod-accept@.service)
 
 say() { echo "uninstall.sh: $*"; }
 die() { echo "uninstall.sh: error: $*" >&2; exit 1; }
@@ -25,12 +27,15 @@ if $running; then
   # Stop the socket too, or the next connection would start the service again.
   systemctl stop "${UNITS[@]}" 2>/dev/null || true
   say "stopped ${UNITS[*]}"
+  systemctl stop tsechod-accept.socket 'tsechod-accept@*.service' 2>/dev/null || true
 fi
+# Not enabled by install.sh, but perhaps by the operator.
+systemctl --root=/ disable --quiet tsechod-accept.socket 2>/dev/null || true
 if systemctl --root=/ disable --quiet "${UNITS[@]}" 2>/dev/null; then
   say "disabled ${UNITS[*]}"
 fi
 removed=()
-for unit in "${UNITS[@]}"; do
+for unit in "${UNITS[@]}" "${ACCEPT_UNITS[@]}"; do
   if [[ -e $UNIT_DIR/$unit ]]; then
     rm -f "$UNIT_DIR/$unit"
     removed+=("$UNIT_DIR/$unit")
@@ -62,7 +67,7 @@ fi
 if command -v mandb >/dev/null; then mandb --quiet "$MAN_DIR" >/dev/null 2>&1 || true; fi
 if $running; then
   systemctl daemon-reload
-  systemctl reset-failed "${UNITS[@]}" 2>/dev/null || true
+  systemctl reset-failed "${UNITS[@]}" tsechod-accept.socket 'tsechod-accept@*.service' 2>/dev/null || true
 fi
 for dropin in "$UNIT_DIR"/tsechod.service.d "$UNIT_DIR"/tsechod.socket.d; do
   [[ -d $dropin ]] && say "kept your drop-in directory $dropin"

@@ -29,8 +29,11 @@ import signal
 import statistics
 import subprocess
 import sys
+import socket
 import tempfile
+import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -81,6 +84,14 @@ address = "127.0.0.1:0"
 proxy_protocol = "v{version}"
 proxy_trusted = ["127.0.0.0/8"]
 """
+# Variants of tsechod for a same-run comparison, only when named in --servers:
+# tsechod-metrics: metrics_listen on, scraped every SCRAPE_EVERY_S during the run (docs/performance.md);
+# tsechod-baseline: tsechod from another source tree (--baseline-src, e.g. `git archive main`), to
+# show that a change leaves the per-line path as fast as it was; tsechod-candidate: this tree,
+# started exactly as tsechod-baseline is (python -m, PYTHONPATH), its fair counterpart: the
+# console script and `python -m` measured apart by more than the noise (docs/performance.md).
+VARIANTS: Final = ("tsechod-metrics", "tsechod-baseline", "tsechod-candidate")
+SCRAPE_EVERY_S: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -219,8 +230,8 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def listening_port(pid: int) -> int | None:
-    """The TCP port the process tree of pid listens on, from /proc/net/tcp, or None.
+def listening_port(pid: int, exclude: int = 0) -> int | None:
+    """The TCP port the process tree of pid listens on (but *exclude*), from /proc/net/tcp, or None.
 
     For a server that doesn't print its `listening on` line (tsechod logs it at
     INFO, and the benchmark runs it with --log-level warning).
@@ -241,7 +252,9 @@ def listening_port(pid: int) -> int | None:
     for row in rows:
         cols = row.split()
         if len(cols) > 9 and cols[3] == "0A" and cols[9] in inodes:  # 0A = LISTEN
-            return int(cols[1].split(":")[1], 16)
+            port = int(cols[1].split(":")[1], 16)
+            if port != exclude:  # the metrics endpoint's
+                return port
     return None
 
 
@@ -250,11 +263,16 @@ def listening_port(pid: int) -> int | None:
 class Server:
     """A server under test, started fresh for one cell and stopped after it."""
 
-    def __init__(self, name: str, tmp: Path, pinned: bool, workers: int = 1) -> None:
+    def __init__(self, name: str, tmp: Path, pinned: bool, workers: int = 1, baseline_src: Path | None = None) -> None:
         self.name, self.tmp, self.pinned, self.workers = name, tmp, pinned, workers
+        self.baseline_src = baseline_src
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tmp / f"{name}-w{workers}.log"
         self.port = 0
+        self.metrics_port = 0
+        self.scrapes = 0
+        self._scraping = threading.Event()
+        self._scraper: threading.Thread | None = None
 
     def command(self) -> list[str]:
         if self.name in PROXY_SERVERS:
@@ -265,12 +283,19 @@ class Server:
             config = self.tmp / "tsechod-access.toml"
             config.write_text(TSECHOD_CONFIG + ACCESS_CHECKS)
             cmd = [str(TSECHOD), "--config", str(config), "--listen", "127.0.0.1:0", "--log-level", "warning"]
-        elif self.name == "tsechod":
+        elif self.name in ("tsechod", *VARIANTS):
             config = self.tmp / "tsechod.toml"
             config.write_text(TSECHOD_CONFIG)
-            cmd = [str(TSECHOD), "--config", str(config), "--listen", "127.0.0.1:0", "--log-level", "warning"]
+            by_module = self.name in ("tsechod-baseline", "tsechod-candidate")
+            program = [PYTHON, "-m", "tsecho.cli"] if by_module else [str(TSECHOD)]
+            cmd = [*program, "--config", str(config), "--listen", "127.0.0.1:0", "--log-level", "warning"]
             if self.workers != 1:
                 cmd += ["--workers", str(self.workers)]
+            if self.name == "tsechod-metrics":
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", 0))
+                    self.metrics_port = probe.getsockname()[1]
+                cmd += ["--metrics-listen", f"127.0.0.1:{self.metrics_port}"]
         elif self.name == "tsechod-tls":
             make_tls_files(self.tmp)
             config = self.tmp / "tsechod-tls.toml"
@@ -297,16 +322,26 @@ class Server:
         with open(self.log, "wb") as log:
             # stdout and stderr to a file, not a pipe: a server that logs a lot
             # must never block on a pipe nobody reads.
+            env = None
+            if self.name == "tsechod-baseline":
+                if self.baseline_src is None:
+                    raise BenchError("tsechod-baseline needs --baseline-src DIR (a tree with src/tsecho)")
+                env = {**os.environ, "PYTHONPATH": str(self.baseline_src / "src")}
+            elif self.name == "tsechod-candidate":
+                env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
             self.proc = subprocess.Popen(
                 self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.tmp, start_new_session=True,
+                cwd=self.tmp, start_new_session=True, env=env,
             )
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while time.monotonic() < deadline:
             match = LISTENING_RE.search(self.log.read_bytes())
-            port = int(match.group(2)) if match else listening_port(self.proc.pid)
+            port = int(match.group(2)) if match else listening_port(self.proc.pid, exclude=self.metrics_port)
             if port:
                 self.port = port
+                if self.metrics_port:
+                    self._scraper = threading.Thread(target=self._scrape, name="scraper", daemon=True)
+                    self._scraper.start()
                 return self
             if self.proc.poll() is not None:
                 break
@@ -315,7 +350,21 @@ class Server:
         self.stop()
         raise BenchError(f"{self.name} did not start (not listening): {tail or 'no output'}")
 
+    def _scrape(self) -> None:
+        """GET /metrics every SCRAPE_EVERY_S, as Prometheus would (15 s is its usual interval)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        while not self._scraping.wait(SCRAPE_EVERY_S):
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status == 200 and b"tsechod_lines_total" in response.read():
+                        self.scrapes += 1
+            except OSError:
+                pass  # counted by its absence
+
     def stop(self) -> None:
+        self._scraping.set()
+        if self._scraper is not None:
+            self._scraper.join(timeout=10)
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
@@ -592,7 +641,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", default=[], metavar="WORKLOAD",
                         help="run only this workload (repeatable): pingpong1 pingpong16 pingpong64 pingpong256 "
                              "pipeline connrate hold workers")
-    parser.add_argument("--servers", default=",".join(ALL_SERVERS), help=f"comma-separated subset of {','.join(ALL_SERVERS)}")
+    parser.add_argument("--servers", default=",".join(ALL_SERVERS),
+                        help=f"comma-separated subset of {','.join(ALL_SERVERS)}, or the variants {','.join(VARIANTS)}")
+    parser.add_argument("--baseline-src", type=Path, default=None, metavar="DIR",
+                        help="source tree (with src/tsecho) that the tsechod-baseline server runs")
     parser.add_argument("--repeats", type=int, default=None, help="runs per cell (default 3, --quick 1)")
     parser.add_argument("--duration", type=float, default=2.0, help="measured seconds per run (default 2)")
     parser.add_argument("--workers", type=int, default=2, metavar="N",
@@ -604,10 +656,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
-    unknown = [s for s in servers if s not in ALL_SERVERS and s not in PROXY_SERVERS and s != "tsechod-access"]
+    known = (*ALL_SERVERS, *PROXY_SERVERS, "tsechod-access", *VARIANTS)
+    unknown = [s for s in servers if s not in known]
     if unknown:
         parser.error(f"unknown server(s) {', '.join(unknown)}; choose from {', '.join(ALL_SERVERS)} "
-                     f"(and, for the cost of their checks, {', '.join(PROXY_SERVERS)}, tsechod-access)")
+                     f"(and, for the cost of their checks, {', '.join(PROXY_SERVERS)}, tsechod-access; "
+                     f"for same-run comparisons, {', '.join(VARIANTS)})")
     wls = workloads(args.quick)
     names = [w.name for w in wls] + ["workers"]
     for only in args.only:
@@ -650,10 +704,12 @@ def main(argv: list[str] | None = None) -> int:
             if not available.get(label, True):
                 continue
             try:
-                with Server(name, tmp, pinned=pinned, workers=workers) as server:
+                with Server(name, tmp, pinned=pinned, workers=workers, baseline_src=args.baseline_src) as server:
                     cell = run_cell(wl, server, args, label)
+                if server.metrics_port:
+                    print(f"  {'':12} {label:24} scrapes={server.scrapes}", flush=True)
             except BenchError as err:
-                if name == "tsechod":
+                if name.startswith("tsechod"):
                     # the daemon is still being written: say so in the table, keep going
                     available[label] = False
                     cell = Cell(wl.name, label, error=("unsupported: " if workers > 1 else "") + str(err))

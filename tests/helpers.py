@@ -147,11 +147,11 @@ class PeakSampler:
 def baseline(d, scenario: str) -> tuple[float, int]:
     """Warm the daemon up with one ping, wait until only its own threads are left, measure.
 
-    Its own threads: the main thread and one acceptor per listener; every other
-    thread is a connection's.
+    Its own threads: the main thread, the log writer and one acceptor per
+    listener; every other thread is a connection's.
     """
     ping(d.address, b"warm-up")
-    threads = 1 + len(d.addresses)
+    threads = 2 + len(d.addresses)
     wait_until(lambda: figures(d.pid)[1] == threads, timeout=5)
     return show(scenario, "baseline", d.pid)
 

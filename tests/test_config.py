@@ -186,7 +186,7 @@ def test_docs_document_every_listener_key_with_default_and_reload() -> None:
 def test_flags_are_the_documented_set() -> None:
     assert {key.flag_name for key in KEYS if key.flag_name} == {
         "--listen", "--log-level", "--log-target", "--log-file", "--log-format", "--timestamp",
-        "--idle-timeout-s", "--workers", "--pid-file", "--user", "--group",
+        "--idle-timeout-s", "--workers", "--metrics-listen", "--pid-file", "--user", "--group",
     }
 
 
@@ -285,7 +285,8 @@ FILE_ERRORS = [
     ("[echo]\nidle_timeout = 5\n",
      "unknown key 'idle_timeout' in [echo] (did you mean 'idle_timeout_s' in [server]?)"),
     ("[server]\nzzz = 5\n",
-     "unknown key 'zzz' in [server] (keys in [server]: listen, backlog, idle_timeout_s, shutdown_timeout_s, workers, proxy_header_timeout_s)"),
+     "unknown key 'zzz' in [server] (keys in [server]: listen, backlog, idle_timeout_s, shutdown_timeout_s, workers, "
+     "proxy_header_timeout_s, metrics_listen)"),
     ("[echo]\nbacklog = 5\n", "key 'backlog' belongs in [server], not in [echo]"),
     ("[daemon]\nlog_level = \"info\"\n", "key 'log_level' belongs in [log], not in [daemon]"),
     ("backlog = 5\n", "key 'backlog' must be in a section: put it under [server]"),
@@ -298,7 +299,8 @@ FILE_ERRORS = [
     ("server = 1\n", "'server' must be a section ([server]), not an integer"),
     ("[[server]]\nbacklog = 5\n", "'server' must be a section ([server]), not an array"),
     ("[server.tls]\ncert = 1\n",
-     "unknown key 'tls' in [server] (keys in [server]: listen, backlog, idle_timeout_s, shutdown_timeout_s, workers, proxy_header_timeout_s)"),
+     "unknown key 'tls' in [server] (keys in [server]: listen, backlog, idle_timeout_s, shutdown_timeout_s, workers, "
+     "proxy_header_timeout_s, metrics_listen)"),
     # syntax
     ("[server]\nbacklog = \n", "invalid TOML: Invalid value (at line 2, column 11)"),
     ("[server\n", "invalid TOML: Expected ']' at the end of a table declaration (at line 1, column 8)"),
@@ -569,6 +571,7 @@ SAMPLES: dict[str, tuple[str, str, object, object]] = {
     "idle_timeout_s": ("1.5", "2.5", 1.5, 2.5),
     "shutdown_timeout_s": ("0", "3", 0.0, 3.0),
     "workers": ("2", "3", 2, 3),
+    "metrics_listen": ('"127.0.0.1:9809"', "[::1]:9810", ListenAddress("127.0.0.1", 9809), ListenAddress("::1", 9810)),
     "timestamp": ('"iso"', "epoch", "iso", "epoch"),
     "utc": ("true", "no", True, False),
     "telnet": ("false", "yes", False, True),

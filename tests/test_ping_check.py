@@ -113,7 +113,7 @@ def test_ping_prints_each_probe_the_summary_and_the_method(tsechod: Callable[...
     address = re.escape(target(daemon))
     assert lines[0] == f"TSECHO PING {target(daemon)}: one connection, every 0.05 s"
     assert re.fullmatch(rf"reply from {address}: seq=1 rtt=\d+\.\d{{3}} ms stamp=\[\w{{3}} \w{{3}} [ \d]\d "
-                        rf"\d\d:\d\d:\d\d \d{{4}}\] offset=\+\d\.\d{{3}} s ± 0\.5\d\d s", lines[1]), lines[1]
+                        rf"\d\d:\d\d:\d\d \d{{4}}\] offset=\+\d\.\d{{3}} s ± 0\.\d{{3}} s", lines[1]), lines[1]
     assert re.fullmatch(r"second boundary: \d+ probes in \d rounds pin the offset to \+2\.\d+ s ± 0\.\d+ s",
                         lines[2]), lines[2]
     assert lines[3].startswith(f"reply from {target(daemon)}: seq=2 ")

@@ -23,9 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from conftest import Daemon, daemon_env
-from helpers import CTIME_REPLY, connect_from, read_to_end, recv_lines, wait_until
+from helpers import CTIME_REPLY, connect_from, read_to_end, recv_lines
 
 from tsecho.proxyproto import V2_SIGNATURE
 

@@ -673,7 +673,7 @@ def needs_systemd_analyze() -> None:
         unavailable("systemd-analyze not installed (apt-get install systemd)")
 
 
-@pytest.mark.parametrize("unit", ["tsechod.service"])
+@pytest.mark.parametrize("unit", ["tsechod.service", "tsechod-accept@.service"])
 def test_unit_security_exposure_is_at_most_1_5(unit: str) -> None:
     needs_systemd_analyze()
     # --threshold is the exposure level times ten: 15 means 1.5.

@@ -1,5 +1,8 @@
 """The ``tsechod`` command: parse arguments, start up in order, pick the exit code.
 
+``--stdio`` (stdio.py) takes one connection on fd 0/1 from a superserver instead:
+block signals -> take fds 0 and 1 -> config -> logging -> serve it -> exit.
+
 Startup order, so that every error reaches a terminal or the journal:
 block signals -> load and validate config -> configure logging -> lock the pid
 file -> bind the listeners -> detach (only with --daemon) -> write the pid file
@@ -26,12 +29,14 @@ from .access import AccessRules, normalize_address
 from .config import (KEYS, KEYS_BY_NAME, LISTENER_KEYS, LISTENER_TABLE, SECTIONS, Config, ConfigError,
                      find_config_path, load_config, load_config_with_sources)
 from .daemonize import ParentOutcome, StartupReport, detach, refuse_under_systemd
-from .logsetup import configure_logging, log_fds, log_file_stream, stderr_is_journal
+from .logsetup import check_log_target, configure_logging, log_fds, log_file_stream, start_log_writer, stderr_is_journal
 from .pidfile import PidFile, StartupError
 from .privileges import drop_privileges
-from .server import THREAD_STACK_BYTES, ListenError, match_inherited, open_servers
+from .metrics import bind_metrics
+from .server import THREAD_STACK_BYTES, ListenError, listen_error, match_inherited, open_servers
 from .service import Service, SystemdReporter, block_signals
 from .state import ServerState, load_listener_tls
+from .stdio import serve_stdio, stdio_log_config, take_stdio
 from .supervisor import Supervisor
 from .tomlwriter import toml_value
 
@@ -42,6 +47,8 @@ EXIT_FAILURE: Final = 1
 EXIT_DENIED: Final = 1  # check-access: the address would be refused
 EXIT_USAGE: Final = 2
 EXIT_CONFIG: Final = 78
+# The FileDescriptorName= of a socket-activated metrics endpoint (docs/operations.md, Metrics).
+METRICS_FD_NAME: Final = "metrics"
 
 # Flag values as typed, by Config field; config.py parses them like environment values.
 Overrides = Mapping[str, str | Sequence[str]]
@@ -76,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="config file (default: $TSECHOD_CONFIG, else /etc/tsechod/tsechod.toml if it exists)")
     parser.add_argument("--daemon", action="store_true",
                         help="detach into the background (classic daemon; not under systemd)")
+    parser.add_argument("--stdio", action="store_true",
+                        help="serve one connection on fd 0/fd 1 and exit (inetd, xinetd, tcpserver, "
+                             "systemd Accept=yes)")
     parser.add_argument("--version", action="version", version=f"tsechod {__version__}")
     group = parser.add_argument_group("config overrides")
     for key in KEYS:
@@ -114,6 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check_config(args.config, environ, overrides)
         if args.command == "check-access":
             return check_access(args.address, args.config, environ, overrides)
+        if args.stdio:
+            if args.daemon:
+                raise UsageError("--stdio and --daemon exclude each other: --stdio serves one connection "
+                                 "for a superserver, in the foreground")
+            return run_stdio(args.config, environ, overrides)
         return run(args.config, environ, overrides, daemon=args.daemon)
     except ConfigError as err:
         if debug:
@@ -207,10 +222,10 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
     block_signals()
     path = find_config_path(explicit, environ)
 
-    def reload() -> Config:
-        return load_config(path, environ, overrides, reloading=True)
+    def reload() -> Config:  # a syslog target without /dev/log: reload failed, old config kept
+        return check_log_target(load_config(path, environ, overrides, reloading=True))
 
-    config = load_config(path, environ, overrides)
+    config = check_log_target(load_config(path, environ, overrides))  # exit 78 if syslog can't work
     if daemon and (reason := refuse_under_systemd(environ)):
         raise UsageError(reason)
     try:
@@ -227,7 +242,17 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
         for tls in state.tls:
             for warning in tls.warnings if tls is not None else ():
                 logger.warning("%s", warning)
-        inherited = match_inherited(config, systemd.listen_fds_with_names(os.environ))
+        named = systemd.listen_fds_with_names(os.environ)
+        # FileDescriptorName=metrics marks the metrics endpoint's socket; every other one serves echo.
+        metrics_socket = next((sock for name, sock in named if name == METRICS_FD_NAME), None)
+        inherited = match_inherited(config, [(name, sock) for name, sock in named if name != METRICS_FD_NAME])
+        if metrics_socket is None and config.metrics_listen is not None:
+            try:
+                metrics_socket = bind_metrics(config.metrics_listen)
+            except OSError as err:
+                raise listen_error(config.metrics_listen, err, what="metrics_listen") from err
+        if metrics_socket is not None:
+            stack.callback(metrics_socket.close)
         servers = open_servers(config, state, inherited)
         for server in servers:
             stack.callback(server.server_close)
@@ -240,12 +265,15 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
                 logger.warning("--daemon with log_target = \"stderr\": logs are discarded once detached; "
                                "set log_target = \"file\" or \"syslog\"")
             fds = [*(s.fileno() for s in servers), *log_fds(), *state.fds()]
+            if metrics_socket is not None:
+                fds.append(metrics_socket.fileno())
             outcome = detach(fds, log_file_stream(), pidfile=pidfile)
             if isinstance(outcome, ParentOutcome):  # the process the user started
                 if not outcome.started:
                     raise StartupFailed(outcome.message or "the daemon failed to start")
                 return EXIT_OK
             startup = outcome
+        start_log_writer()  # detached (no thread may cross detach's fork); from here logging never blocks
         try:
             if pidfile is not None:
                 pidfile.write()
@@ -258,8 +286,21 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
                                    on_ready=startup.ready if startup is not None else None)
         if config.workers > 1:
             return Supervisor(config, [(s.socket, s.listener_index) for s in servers], reload, reporter,
-                              tls=state.tls).run()
-        return Service(servers, state, reload, reporter).run_until_stopped()
+                              metrics_socket, tls=state.tls).run()
+        return Service(servers, state, reload, reporter, metrics_socket).run_until_stopped()
+
+
+def run_stdio(explicit: str | None, environ: Mapping[str, str], overrides: Overrides) -> int:
+    """``--stdio``: take fds 0 and 1 first (so nothing else writes to the peer), then config, logs, serve."""
+    block_signals()
+    stdio = take_stdio(environ)
+    config = load_config(find_config_path(explicit, environ), environ, overrides)
+    config = stdio_log_config(config, stdio)
+    try:
+        configure_logging(config, environ)
+    except OSError as err:
+        raise OSError(f"cannot open log file {config.log_file}: {err.strerror or err}") from err
+    return serve_stdio(config, stdio)
 
 
 def raise_fd_limit() -> None:

@@ -24,7 +24,6 @@ Nothing here imports the server side of the package.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import math
 import os
 import select
@@ -34,11 +33,10 @@ import sys
 import time
 from typing import BinaryIO, Final, NamedTuple
 
-from .address import ListenAddress
+from .remote import (DEFAULT_HOST, DEFAULT_PORT, Address, AddressError, ClientError, connect, describe,
+                     parse_address, seconds_text)
 from .tlsconfig import MIN_VERSION, handshake_error_detail
 
-DEFAULT_HOST: Final = "127.0.0.1"
-DEFAULT_PORT: Final = 8009
 DEFAULT_TIMEOUT_S: Final = 5.0
 PROMPT: Final = ">>> "
 HISTORY_FILE: Final = "~/.tsecho_history"
@@ -58,70 +56,8 @@ SUBCOMMANDS: Final = ("ping", "check")
 TLS_CLOSE_WAIT_S: Final = 1.0
 
 
-# Where the server is: the daemon's own address type, so both print addresses alike.
-Address = ListenAddress
-
-
-class AddressError(ValueError):
-    """A ``HOST[:PORT]`` argument that cannot be parsed; the text says why."""
-
-
-class ClientError(Exception):
-    """A failure the user can act on; ``str()`` is the one-line message."""
-
-
 class OutputClosed(Exception):
     """stdout went away (``tsecho < big | head -1``): stop quietly."""
-
-
-def parse_address(text: str, default_port: int = DEFAULT_PORT) -> Address:
-    """Parse the ``HOST[:PORT]`` argument into an :class:`Address`.
-
-    Accepted: ``""`` (default host and port), ``host``, ``host:port``,
-    ``:port`` (default host), ``[v6]``, ``[v6]:port``, and a bare IPv6
-    literal such as ``::1`` or ``fe80::1%eth0`` (two or more colons, no
-    brackets), which takes the default port: a port needs the brackets.
-    Ports must be decimal 1-65535. Raises :class:`AddressError` otherwise.
-    The host is not resolved here.
-    """
-    if text.startswith("["):
-        close = text.find("]")
-        if close == -1:
-            raise AddressError(f"missing ']' in {text!r} (write IPv6 as [::1]:8009)")
-        host, rest = text[1:close], text[close + 1 :]
-        if not host:
-            raise AddressError(f"empty address in brackets in {text!r}")
-        if not rest:
-            port = default_port
-        elif rest.startswith(":"):
-            port = _parse_port(rest[1:], text)
-        else:
-            raise AddressError(f"unexpected {rest!r} after ']' in {text!r}")
-    elif text.count(":") >= 2:
-        # A bare IPv6 literal: its colons leave no room for a port.
-        try:
-            ipaddress.IPv6Address(text)
-        except ValueError:
-            raise AddressError(
-                f"{text!r} is neither HOST:PORT nor an IPv6 address (write IPv6 with a port as [::1]:8009)"
-            ) from None
-        host, port = text, default_port
-    elif ":" in text:
-        host_text, _, port_text = text.partition(":")
-        host, port = host_text or DEFAULT_HOST, _parse_port(port_text, text)
-    else:
-        host, port = text or DEFAULT_HOST, default_port
-    if any(char.isspace() or not char.isprintable() for char in host):
-        raise AddressError(f"bad host {host!r} in {text!r}")
-    return Address(host, port)
-
-
-def _parse_port(port_text: str, text: str) -> int:
-    if not port_text:
-        raise AddressError(f"missing port after ':' in {text!r}")
-    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
-        raise AddressError(f"bad port {port_text!r} in {text!r}: must be a number 1-65535")
-    return int(port_text)
 
 
 class Batch(NamedTuple):
@@ -168,16 +104,6 @@ class ReplyStream:
         return Batch(complete, complete.count(b"\n"), None)
 
 
-def _describe(err: OSError) -> str:
-    """``Connection refused`` -> ``connection refused``: to sit mid-sentence."""
-    text = err.strerror or str(err) or type(err).__name__
-    return text[:1].lower() + text[1:]
-
-
-def _seconds(value: float) -> str:
-    return f"{value:g}"
-
-
 def _printable(data: bytes) -> str:
     """Server text on its way to a terminal: escape control and non-UTF-8 bytes."""
     text = data.decode("utf-8", "backslashreplace")
@@ -197,39 +123,11 @@ def _lost(address: Address, err: OSError) -> ClientError:
         return ClientError(f"connection reset by {address}")
     if isinstance(err, (BrokenPipeError, ConnectionAbortedError)):
         return ClientError(f"connection closed by {address}")
-    return ClientError(f"connection to {address} failed: {_describe(err)}")
+    return ClientError(f"connection to {address} failed: {describe(err)}")
 
 
 def _no_reply(address: Address, timeout_s: float) -> ClientError:
-    return ClientError(f"no reply from {address} within {_seconds(timeout_s)} s")
-
-
-def connect(address: Address, timeout_s: float) -> socket.socket:
-    """Open a TCP connection to *address*, trying each resolved address.
-
-    Returns a blocking socket with *timeout_s* set. Raises
-    :class:`ClientError` with an actionable message when the name doesn't
-    resolve, the port is refused, or nothing answers within *timeout_s*.
-    """
-    try:
-        return socket.create_connection(address, timeout=timeout_s)
-    except socket.gaierror as err:
-        raise ClientError(
-            f"cannot resolve {address.host!r}: {_describe(err)} "
-            f"(check the host name, or give an IP address)"
-        ) from err
-    except ConnectionRefusedError as err:
-        raise ClientError(
-            f"cannot connect to {address}: connection refused "
-            f"(is tsechod running? systemctl status tsechod)"
-        ) from err
-    except TimeoutError as err:
-        raise ClientError(
-            f"cannot connect to {address}: no answer within {_seconds(timeout_s)} s "
-            f"(is the host up? a firewall may be dropping packets)"
-        ) from err
-    except OSError as err:
-        raise ClientError(f"cannot connect to {address}: {_describe(err)}") from err
+    return ClientError(f"no reply from {address} within {seconds_text(timeout_s)} s")
 
 
 class TLSOptions(NamedTuple):
@@ -263,7 +161,7 @@ def client_context(options: TLSOptions) -> ssl.SSLContext:
             context.load_cert_chain(options.cert, options.key, password=_no_password)
         except OSError as err:
             files = f"--cert {options.cert}" + (f" --key {options.key}" if options.key else "")
-            reason = _describe(err) if not isinstance(err, ssl.SSLError) else _ssl_text(err)
+            reason = describe(err) if not isinstance(err, ssl.SSLError) else _ssl_text(err)
             if isinstance(err, ssl.SSLError) and getattr(err, "reason", None) == "KEY_VALUES_MISMATCH":
                 reason = "the key does not match the certificate"
             elif isinstance(err, ssl.SSLError) and getattr(err, "reason", None) is None:
@@ -281,7 +179,7 @@ def _ca_text(path: str) -> str:
         with open(path, "rb") as file:
             data = file.read(1 << 20)
     except OSError as err:
-        raise ClientError(f"cannot read --ca {path}: {_describe(err)}") from err
+        raise ClientError(f"cannot read --ca {path}: {describe(err)}") from err
     text = data.decode("ascii", "replace")
     if "-----BEGIN CERTIFICATE-----" not in text:
         raise ClientError(f"--ca {path}: not a PEM certificate (expected -----BEGIN CERTIFICATE-----)")
@@ -310,7 +208,7 @@ def start_tls(
     try:
         return context.wrap_socket(sock, server_hostname=name)
     except TimeoutError as err:
-        raise ClientError(f"TLS handshake with {address} failed: no answer within {_seconds(timeout_s)} s "
+        raise ClientError(f"TLS handshake with {address} failed: no answer within {seconds_text(timeout_s)} s "
                           "(is it a TLS port? try without --tls)") from err
     except ssl.SSLError as err:
         raise ClientError(f"TLS handshake with {address} failed: {_tls_reason(err, name)}") from err
@@ -530,7 +428,7 @@ def pipeline(
             try:
                 data = os.read(source_fd, CHUNK_BYTES)
             except OSError as err:
-                raise ClientError(f"cannot read stdin: {_describe(err)}") from err
+                raise ClientError(f"cannot read stdin: {describe(err)}") from err
             if data:
                 outbox += data
                 ends_with_newline = data.endswith(b"\n")
@@ -693,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         type=_timeout,
         default=DEFAULT_TIMEOUT_S,
-        help=f"seconds to wait for the connection and for each reply (default {_seconds(DEFAULT_TIMEOUT_S)})",
+        help=f"seconds to wait for the connection and for each reply (default {seconds_text(DEFAULT_TIMEOUT_S)})",
     )
     tls = parser.add_argument_group("TLS (all but --tls need --tls)")
     tls.add_argument("--tls", action="store_true",
@@ -734,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     arguments = sys.argv[1:] if argv is None else argv
     if arguments and arguments[0] in SUBCOMMANDS:
-        # Imported here: plain tsecho never pays for it, and probe.py builds on this module.
+        # Imported here: plain tsecho never pays for it.
         from .probe import COMMANDS
 
         return COMMANDS[arguments[0]](arguments[1:])
@@ -777,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         # A bare OSError got past the mapping above: still one line, naming the server.
-        message = str(err) if isinstance(err, ClientError) else f"{address}: {_describe(err)}"
+        message = str(err) if isinstance(err, ClientError) else f"{address}: {describe(err)}"
         print(f"tsecho: {message}", file=sys.stderr)
         return EXIT_FAILURE
 

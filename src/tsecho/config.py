@@ -147,6 +147,7 @@ class Config:
     shutdown_timeout_s: float = 10.0
     workers: int = 1  # "auto" in the file is resolved to os.cpu_count()
     proxy_header_timeout_s: float = 5.0
+    metrics_listen: ListenAddress | None = None  # off unless set (docs/operations.md, Metrics)
     # [echo]
     timestamp: str = "ctime"
     utc: bool = False
@@ -458,6 +459,13 @@ def _listen_tuple(items: Iterable[str]) -> tuple[ListenAddress, ...]:
     return tuple(seen)
 
 
+def _check_metrics_listen(value: object) -> object:
+    reason = 'must be one "host:port" string, e.g. "127.0.0.1:9809"'
+    if not isinstance(value, str):
+        raise _wrong_type(reason, value)
+    return parse_listen(value.strip())
+
+
 def _rate_key() -> tuple[Checker, TextParser, str]:
     reason = f"must be a number of connections per second >= 0 (0 = off; at most {MAX_RATE_PER_S:.0f})"
 
@@ -530,6 +538,11 @@ KEYS: Final[tuple[Key, ...]] = (
               'worker processes; "auto" = number of CPUs', flag=True, reloadable=False),
     _make_key("proxy_header_timeout_s", "server", "number", _seconds_key(0, False),
               "on a [[listener]] with proxy_protocol, the PROXY header must arrive within this"),
+    Key(
+        "metrics_listen", "server", "address", '"host:port" or "[ipv6]:port"; not set = no metrics endpoint',
+        "serve Prometheus metrics (GET /metrics) on this address; off unless set",
+        _check_metrics_listen, _check_metrics_listen, flag=True, reloadable=False,
+    ),
     # [echo]
     Key(
         "timestamp", "echo", "string",

@@ -12,12 +12,18 @@ the thread shares with others (config, clock, stop, counters) in state.py.
 Error mapping is in one place, ``handle``: a peer's fault becomes the access
 event's reason; anything else is a bug, logged once with its traceback by the
 server, and only this connection ends.
+
+The connection is a socket, or (``tsechod --stdio``, stdio.py) ``Pipes``: two
+file descriptors behind the few socket calls the handler makes. The socket
+path is the same code as before Pipes existed: ``recv`` and ``send`` are the
+socket's own bound methods.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import select
 import socket
 import socketserver
@@ -30,7 +36,7 @@ from .protocol import (ERR_BUSY, ERR_TOO_MANY_FROM_IP, LineDecoder, LineTooLong,
 from .access import normalize_address
 from .proxyproto import (V1_MAX_BYTES, V2_HEADER_BYTES, V2_MAX_LENGTH_BYTES, IPAddress, ProxyHeader,
                          ProxyHeaderError, ProxyHeaderParser)
-from .state import Connection, ServerState
+from .state import Connection, ServerState, Stream
 from .tlsconfig import HandshakeFailed, HandshakeStopped, handshake, handshake_error_detail, session_info
 
 logger = logging.getLogger(__name__)
@@ -131,6 +137,55 @@ def _escape(data: bytes) -> str:
     return repr(data)[2:-1]
 
 
+class Pipes:
+    """A connection on two file descriptors (pipes, a tty, a socket pair), shaped like a socket.
+
+    What inetd-style superservers may hand ``tsechod --stdio`` as fd 0 and fd 1:
+    ``recv`` is os.read of one, ``send`` os.write of the other, and
+    ``shutdown(SHUT_WR)`` closes the writing one, which is how a pipe says
+    end-of-file. Both fds are owned (closed by ``close``).
+    """
+
+    def __init__(self, read_fd: int, write_fd: int) -> None:
+        self.read_fd = read_fd
+        self.write_fd = write_fd
+        self._write_open = True
+        # O_NONBLOCK belongs to the open file, which a terminal shares with the shell that
+        # started us: it is put back as it was before each fd is closed.
+        self._blocking = (os.get_blocking(read_fd), os.get_blocking(write_fd))
+
+    def fileno(self) -> int:
+        return self.read_fd  # what poll() waits on to read; write_fileno() to write
+
+    def write_fileno(self) -> int:
+        return self.write_fd
+
+    def setblocking(self, flag: bool, /) -> None:
+        os.set_blocking(self.read_fd, flag)
+        os.set_blocking(self.write_fd, flag)
+
+    def recv(self, bufsize: int, flags: int = 0, /) -> bytes:
+        if flags:  # MSG_PEEK, for a PROXY header: --stdio has no PROXY listener
+            raise ValueError(f"Pipes.recv: flags {flags} not supported")
+        return os.read(self.read_fd, bufsize)
+
+    def send(self, data: bytes | memoryview, /) -> int:
+        return os.write(self.write_fd, data)
+
+    def shutdown(self, how: int, /) -> None:
+        if how in (socket.SHUT_WR, socket.SHUT_RDWR) and self._write_open:
+            self._write_open = False
+            os.set_blocking(self.write_fd, self._blocking[1])
+            os.close(self.write_fd)
+
+    def close(self) -> None:
+        self.shutdown(socket.SHUT_WR)
+        if self.read_fd >= 0:
+            os.set_blocking(self.read_fd, self._blocking[0])
+            os.close(self.read_fd)
+            self.read_fd = -1
+
+
 class EchoHandler(socketserver.BaseRequestHandler):
     """Answer each line of one connection with the timestamped line.
 
@@ -138,14 +193,14 @@ class EchoHandler(socketserver.BaseRequestHandler):
     ``handle`` (``preamble``, then ``_serve``: the line loop), ``finish``.
     """
 
-    request: socket.socket
+    request: Stream
 
-    def __init__(self, request: Any, client_address: Any, server: socketserver.BaseServer,
+    def __init__(self, request: Any, client_address: Any, server: socketserver.BaseServer | None,
                  state: ServerState, conn: Connection) -> None:
         self.state = state
         self.conn = conn
         self._early = b""  # what came with the PROXY header: the client's first data
-        super().__init__(request, client_address, server)
+        super().__init__(request, client_address, server)  # type: ignore[arg-type] # None: --stdio
 
     def setup(self) -> None:
         # Non-blocking: we poll ourselves, so the stop pipe can wake us (see module doc).
@@ -204,10 +259,12 @@ class EchoHandler(socketserver.BaseRequestHandler):
             raise _Closed("tls-error")
         # OpenSSL writes the handshake's last flight and each session ticket as separate sends; with
         # Nagle, the reply to the first line then waits for a delayed ACK (40 ms on Linux).
-        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = self.request
+        assert isinstance(sock, socket.socket)  # TLS is a listener's: never --stdio's pipes
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if context.sslsocket_class is not TLSSocket:
             context.sslsocket_class = TLSSocket  # the same value from every thread: a benign race
-        tls = context.wrap_socket(self.request, server_side=True, do_handshake_on_connect=False)
+        tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         assert isinstance(tls, TLSSocket)
         self.request = conn.wire = tls
         try:
@@ -418,7 +475,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
         state = self.state
         if self._write_poll is None:
             self._write_poll = select.poll()
-            self._write_poll.register(sock, _POLLOUT)
+            self._write_poll.register(sock.write_fileno() if isinstance(sock, Pipes) else sock, _POLLOUT)
             self._write_poll.register(state.stop_fd, select.POLLIN)
         deadline = time.monotonic() + state.config.send_timeout_s
         if state.stopping:

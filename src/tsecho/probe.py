@@ -32,7 +32,7 @@ from typing import Final, NoReturn, TextIO
 
 from . import clockcheck
 from .clockcheck import OffsetEstimate, Probe, StampError, Thresholds
-from .client import DEFAULT_HOST, DEFAULT_PORT, Address, AddressError, ClientError, connect, parse_address
+from .remote import DEFAULT_HOST, DEFAULT_PORT, Address, AddressError, ClientError, connect, parse_address
 
 PROBE_PREFIX: Final = b"tsecho-probe"
 MIN_INTERVAL_S: Final = 0.01  # ping(8) bounds -i below too; faster is a flood, not a ping

@@ -342,16 +342,21 @@ def _socket_address(listen: ListenAddress) -> tuple[Any, ...]:
 def _listen(address: ListenAddress, state: ServerState, threads: ReadyThreads, index: int | None = None) -> EchoServer:
     try:
         return EchoServer(address, state, threads, index)
-    except socket.gaierror as err:
-        raise ListenError(f"cannot listen on {address}: cannot resolve host {address.host!r}: "
-                          f"{err.strerror} (check the name, or give an IP address)") from err
     except OSError as err:
-        reason = os.strerror(err.errno).lower() if err.errno else str(err)
-        hint = ""
-        if err.errno == errno.EADDRINUSE:
-            hint = f" (another tsechod? try: ss -ltnp 'sport = :{address.port}')"
-        elif err.errno == errno.EACCES and address.port < 1024:
-            hint = " (ports below 1024 need root, CAP_NET_BIND_SERVICE, or the socket unit)"
-        elif err.errno == errno.EADDRNOTAVAIL:
-            hint = " (no such address on this host: check `ip addr` and the listen setting)"
-        raise ListenError(f"cannot listen on {address}: {reason}{hint}") from err
+        raise listen_error(address, err) from err
+
+
+def listen_error(address: ListenAddress, err: OSError, what: str = "listen") -> ListenError:
+    """The one-line message for a socket that could not be bound on *address* (for any listener)."""
+    if isinstance(err, socket.gaierror):
+        return ListenError(f"cannot listen on {address}: cannot resolve host {address.host!r}: "
+                           f"{err.strerror} (check the name, or give an IP address)")
+    reason = os.strerror(err.errno).lower() if err.errno else str(err)
+    hint = ""
+    if err.errno == errno.EADDRINUSE:
+        hint = f" (another tsechod? try: ss -ltnp 'sport = :{address.port}')"
+    elif err.errno == errno.EACCES and address.port < 1024:
+        hint = " (ports below 1024 need root, CAP_NET_BIND_SERVICE, or the socket unit)"
+    elif err.errno == errno.EADDRNOTAVAIL:
+        hint = f" (no such address on this host: check `ip addr` and the {what} setting)"
+    return ListenError(f"cannot listen on {address}: {reason}{hint}")

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +33,7 @@ from typing import Final, Protocol
 from . import systemd
 from .config import KEYS, Config, ConfigError
 from .logsetup import configure_logging, reopen_logs
+from .metrics import MetricsServer, render
 from .server import EchoServer, log_refusals
 from .state import Figures, ServerState
 
@@ -221,6 +224,7 @@ class Service(ProcessControl):
         state: ServerState,
         load_config: Callable[[], Config],
         reporter: Reporter | None = None,
+        metrics_socket: socket.socket | None = None,
     ) -> None:
         super().__init__()
         self.servers = list(servers)
@@ -229,9 +233,17 @@ class Service(ProcessControl):
         self.reporter: Reporter = reporter or SystemdReporter()
         self.tick_s = self.reporter.tick_s
         self._acceptors: list[threading.Thread] = []
+        self.metrics = MetricsServer(metrics_socket, self.metrics_page) if metrics_socket is not None else None
+
+    def metrics_page(self) -> bytes:
+        """The metrics endpoint's page: a view of this process's figures (metrics.py)."""
+        return render(self.state.figures(), self.state.reloads, [os.getpid()])
 
     def start(self) -> None:
-        """Start one acceptor thread per listener."""
+        """Start one acceptor thread per listener, and the metrics endpoint's thread."""
+        if self.metrics is not None:
+            self.metrics.start()
+            logger.info("metrics on http://%s/metrics", self.metrics.address)
         for server in self.servers:
             thread = threading.Thread(
                 target=server.serve_forever,
@@ -273,8 +285,10 @@ class Service(ProcessControl):
         try:
             new = reload_config(self.load_config, self.state.config)
         except ConfigError as err:
+            self.state.reloads.record(False, time.time())
             logger.error("reload failed, keeping the running config: %s", err)
         else:
+            self.state.reloads.record(True, time.time())
             self.state.apply(new)
             logger.info("reloaded config: timestamp=%s max_line_bytes=%d log_level=%s rules=%d "
                         "connection_rate_per_ip=%g", new.timestamp, new.max_line_bytes, new.log_level,
@@ -302,6 +316,8 @@ class Service(ProcessControl):
             logger.warning("%d connections still open after %.1f s: cutting them", left, timeout_s)
             self.state.abort_connections()
             self.state.wait_closed(STOP_GRACE_S)
+        if self.metrics is not None:
+            self.metrics.close()  # last: a scrape during the drain still sees the connections leave
         return left
 
 

@@ -4,8 +4,9 @@
 connections, and handler.py, which serves one; both import this module and
 neither imports the other for it. Each admitted connection gets a
 ``Connection``: its own figures, written only by the thread that serves it.
-The counters live here, once: systemd's STATUS=, the logs and the supervisor's
-sums all read them through ``ServerState.figures()``, so they always agree.
+The counters live here, once: systemd's STATUS=, the logs, the supervisor's
+sums and the metrics endpoint all read them through ``ServerState.figures()``,
+so they always agree. ``Reloads`` counts how SIGHUPs went, for the metrics.
 Admission lives here too: the limits, the access rules and the rate buckets
 (access.py) and each listener's proxy_trusted, checked by ``admit`` on a
 direct client at accept and by ``readmit`` on the client a PROXY header names.
@@ -23,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from .access import AccessRules, ConnectionRateLimiter, normalize_address
 from .address import peer_name
@@ -46,6 +47,22 @@ REFUSAL_REASONS: Final = ("busy", "per-address", "rate", "denied")
 FIGURES_SIZE: Final = 5 + len(REFUSAL_REASONS) + len(CLOSE_REASONS)
 
 
+class Stream(Protocol):
+    """What a connection's I/O needs: a socket, or handler.Pipes (tsechod --stdio on two fds).
+
+    The calls behave as a non-blocking socket's do: BlockingIOError when nothing
+    can be read or written now, b"" at the end of input, and shutdown(SHUT_WR)
+    sends the end of output.
+    """
+
+    def fileno(self) -> int: ...
+    def setblocking(self, flag: bool, /) -> None: ...
+    def recv(self, bufsize: int, flags: int = 0, /) -> bytes: ...
+    def send(self, data: bytes | memoryview, /) -> int: ...
+    def shutdown(self, how: int, /) -> None: ...
+    def close(self) -> None: ...
+
+
 class Connection:
     """One admitted connection: who it is and what it did.
 
@@ -58,9 +75,9 @@ class Connection:
                  "expect_proxy", "via", "quiet", "refused", "detail", "tlvs", "tls_context", "tls_timeout_s",
                  "tls_session")
 
-    def __init__(self, sock: socket.socket, address: tuple[str, int], counted: bool = True) -> None:
+    def __init__(self, sock: Stream, address: tuple[str, int], counted: bool = True) -> None:
         self.sock = sock  # the accepted socket: the registry's key, even after a TLS wrap detached it
-        self.wire: socket.socket = sock  # what carries the bytes: sock, or the TLS socket wrapping it
+        self.wire: Stream = sock  # what carries the bytes: sock, or the TLS socket wrapping it
         self.peer = peer_name(address)  # the client: after a PROXY header, the one it names
         self.ip = address[0]
         self.started = time.monotonic()
@@ -126,6 +143,30 @@ class Figures:
         return cls.from_vector(sums)
 
 
+class Reloads:
+    """How this process's reloads (SIGHUP) went: what the metrics endpoint reports.
+
+    Written only by the process-control loop's thread (``handle_hup``), read by
+    the metrics thread; each attribute is read whole.
+    """
+
+    __slots__ = ("ok", "failed", "last_at", "last_ok")
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.failed = 0
+        self.last_at = 0.0  # time.time() of the last reload; 0 before the first
+        self.last_ok = True
+
+    def record(self, ok: bool, now: float) -> None:
+        if ok:
+            self.ok += 1
+        else:
+            self.failed += 1
+        self.last_ok = ok
+        self.last_at = now
+
+
 class ServerState:
     """What all listeners and connections of one process share.
 
@@ -157,7 +198,7 @@ class ServerState:
         self._stop_r, self._stop_w = os.pipe()
         self._lock = threading.Lock()
         self._all_closed = threading.Condition(self._lock)
-        self._live: dict[socket.socket, Connection] = {}
+        self._live: dict[Stream, Connection] = {}
         self._per_ip: collections.Counter[str] = collections.Counter()
         self._accepted = 0
         self._refused = [0] * len(REFUSAL_REASONS)
@@ -165,6 +206,7 @@ class ServerState:
         self._ended = [0, 0, 0]  # lines, bytes_in, bytes_out of connections that have ended
         self._refused_unlogged = 0
         self._refusal_window_start = time.monotonic()
+        self.reloads = Reloads()
 
     def fds(self) -> list[int]:
         """The descriptors this state holds open (a daemonizing step must keep them)."""
@@ -358,9 +400,12 @@ class ServerState:
             wires = [conn.wire for conn in self._live.values()]
         for wire in wires:
             try:
-                # The plain socket's shutdown, also for a TLS one: SSLSocket.shutdown would drop
-                # its TLS state under the thread that is still using it.
-                socket.socket.shutdown(wire, socket.SHUT_RDWR)
+                if isinstance(wire, ssl.SSLSocket):
+                    # The plain socket's shutdown: SSLSocket.shutdown would drop its TLS state
+                    # under the thread that is still using it.
+                    socket.socket.shutdown(wire, socket.SHUT_RDWR)
+                else:
+                    wire.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 

@@ -28,10 +28,11 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from .config import Config, ConfigError
+from .metrics import MetricsServer, render
 from .server import EchoServer, ReadyThreads
 from .service import (HANDLED_SIGNALS, STOP_GRACE_S, ProcessControl, Service, SystemdReporter,
                       ignore_signals_while_exiting, reload_config)
-from .state import FIGURES_SIZE, Figures, ServerState, reload_listener_tls
+from .state import FIGURES_SIZE, Figures, Reloads, ServerState, reload_listener_tls
 from .tlsconfig import ServerTLS
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class Supervisor(ProcessControl):
         sockets: Sequence[tuple[socket.socket, int | None]],  # each with its listener's index
         load_config: Callable[[], Config],
         reporter: SystemdReporter | None = None,
+        metrics_socket: socket.socket | None = None,
         tls: tuple[ServerTLS | None, ...] = (),
     ) -> None:
         super().__init__()
@@ -119,6 +121,9 @@ class Supervisor(ProcessControl):
         # Each listener's TLS context, handed to workers forked later (they may not be able to read the key).
         self.tls = tls or tuple(None for _ in config.listeners)
         self.sockets = list(sockets)
+        self.reloads = Reloads()  # the supervisor's own: it is the process that reloads first
+        # Served here, from the workers' SharedFigures, so a scrape sums exactly what STATUS= sums.
+        self.metrics = MetricsServer(metrics_socket, self.metrics_page) if metrics_socket is not None else None
         self.load_config = load_config
         self.reporter = reporter or SystemdReporter()
         self.workers: dict[int, int] = {}  # index -> pid
@@ -144,6 +149,11 @@ class Supervisor(ProcessControl):
         logger.info("%d workers ready: %s", len(self.workers),
                     ", ".join(f"PID {pid}" for pid in self.workers.values()))
         self.reporter.ready(self._sum_figures(), prefix=f"{len(self.workers)} workers, ")
+        if self.metrics is not None:
+            # XXX: from here on, fork() (a replaced worker) happens with this thread running;
+            # it takes no lock but the logging module's, which logging re-creates in the child.
+            self.metrics.start()
+            logger.info("metrics on http://%s/metrics", self.metrics.address)
         signum = self.loop()
         logger.info("received %s: stopping %d workers", signal.Signals(signum).name, len(self.workers))
         self._stop()
@@ -159,8 +169,10 @@ class Supervisor(ProcessControl):
             self.config = reload_config(self.load_config, self.config)
             self.tls = reload_listener_tls(self.config, self.tls, log=False)  # the workers log
         except ConfigError as err:
+            self.reloads.record(False, time.time())
             logger.error("reload failed, keeping the running config: %s", err)
         else:
+            self.reloads.record(True, time.time())
             self._forward(signal.SIGHUP)
         self.reporter.reloaded()
 
@@ -180,7 +192,13 @@ class Supervisor(ProcessControl):
             self._report()
 
     def _sum_figures(self) -> Figures:
-        return Figures.total(self._figures.read(i)[0] for i in self.workers)
+        indexes = tuple(self.workers)  # one C call: safe while the main thread changes the dict
+        return Figures.total(self._figures.read(i)[0] for i in indexes)
+
+    def metrics_page(self) -> bytes:
+        """The metrics endpoint's page (its own thread): the sums STATUS= shows, and every process."""
+        pids = [os.getpid(), *tuple(self.workers.values())]
+        return render(self._sum_figures(), self.reloads, pids, workers=len(pids) - 1)
 
     def _report(self) -> None:
         slots = [self._figures.read(i) for i in self.workers]
@@ -261,6 +279,8 @@ class Supervisor(ProcessControl):
             for pid in list(self.workers.values()):
                 os.waitpid(pid, 0)
             self.workers.clear()
+        if self.metrics is not None:
+            self.metrics.close()
 
     # -- a worker ------------------------------------------------------------------------
 
@@ -291,6 +311,8 @@ class Supervisor(ProcessControl):
         """The forked worker: reset what it inherited first, then serve like a single process."""
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.close(self._ready_r)
+        if self.metrics is not None:
+            self.metrics.socket.close()  # the supervisor's: a worker serves no metrics
         _stop_with_parent(self._supervisor_pid)
         state = ServerState(self.config, worker=index, tls=self.tls)
         threads = ReadyThreads()
