@@ -291,7 +291,8 @@ def test_check_config_checks_the_certificates(tls_certs, tmp_path: Path) -> None
     assert stray.returncode == 78 and "tls_key" in stray.stderr and "needs tls_cert" in stray.stderr
 
 
-HAPROXY_SSL_BACKEND = """global
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "tls-and-load-balancing.md"
+HAPROXY_FRONT = """global
     log stderr format raw local0 info
 defaults
     mode tcp
@@ -301,20 +302,27 @@ defaults
     timeout server 30s
 frontend echo
     bind 127.0.0.1:{front}
-    default_backend tsechod
-backend tsechod
-    server a 127.0.0.1:{back} ssl verify required ca-file {ca} sni str(localhost) send-proxy-v2
+    default_backend tsechod_tls
 """
 
 
+def guide_ssl_backend(port: int, ca: Path) -> str:
+    """The guide's ``backend tsechod_tls`` block, pointed at *port* and trusting *ca*."""
+    [block] = [b for b in re.findall(r"```haproxy\n(.*?)```", GUIDE.read_text(), re.S) if "backend tsechod_tls\n" in b]
+    for old, new in (("10.0.0.5:8443", f"127.0.0.1:{port}"), ("/etc/haproxy/tsechod-ca.pem", str(ca))):
+        assert block.count(old) == 1, block
+        block = block.replace(old, new)
+    return block
+
+
 def test_haproxy_ssl_backend_with_proxy_v2(tsechod, tls_certs, tmp_path: Path) -> None:
-    """PROXY and TLS on one listener: the header comes first, then the handshake."""
+    """PROXY and TLS on one listener (the guide's backend): the header comes first, then the handshake."""
     haproxy = require_tool("haproxy")
     d = start(tsechod, listener(tls_certs, extra='proxy_protocol = "v2"\nproxy_trusted = ["127.0.0.1"]'))
     with socket.create_server(("127.0.0.1", 0)) as probe:
         front = probe.getsockname()[1]
     config = tmp_path / "haproxy.cfg"
-    config.write_text(HAPROXY_SSL_BACKEND.format(front=front, back=d.port, ca=tls_certs.ca))
+    config.write_text(HAPROXY_FRONT.format(front=front) + guide_ssl_backend(d.port, tls_certs.ca))
     proc = subprocess.Popen([haproxy, "-db", "-f", str(config)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
