@@ -762,7 +762,7 @@ def test_shipped_logrotate_file_rotates_a_classic_daemon_without_losing_lines(tm
             time.sleep(0.05)  # polling files: there is no event to block on
         assert all(text.count(f"{p} closed") == 1 for p in peers)
         assert all(f"{p} closed" in rotated.read_text() for p in peers[:20])
-        assert "received SIGUSR1" in rotated.read_text()
+        assert "received SIGUSR1" in rotated.read_text(), (rotated.read_text()[-300:], log.read_text()[:600])
         assert f"{peers[-1]} closed" in log.read_text()
         assert oct(log.stat().st_mode & 0o777) == "0o640"
     finally:

@@ -202,7 +202,7 @@ def test_rotation_under_load(tsechod, tls_certs, tmp_path: Path) -> None:
     cert, key = tmp_path / "live.crt", tmp_path / "live.key"
     shutil.copy(tls_certs.good.cert, cert)
     shutil.copy(tls_certs.good.key, key)
-    d = start(tsechod, f'[[listener]]\naddress = "127.0.0.1:0"\ntls_cert = "live.crt"\ntls_key = "live.key"\n')
+    d = start(tsechod, '[[listener]]\naddress = "127.0.0.1:0"\ntls_cert = "live.crt"\ntls_key = "live.key"\n')
     context = client_context(tls_certs)
     der = {name: ssl.PEM_cert_to_DER_cert(leaf.cert.read_text().split("-----END CERTIFICATE-----")[0]
                                           + "-----END CERTIFICATE-----\n")

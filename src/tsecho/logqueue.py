@@ -201,7 +201,7 @@ class LogWriter(logging.handlers.QueueListener):
         self.sink = handler.sink
         # QueueListener's loop ends at its sentinel; ours is a record, so the queue stays typed.
         self._sentinel = self.stop_mark = logging.makeLogRecord({"msg": ""})
-        self.handled = 0  # lines taken off the queue: the progress a stop watches
+        self.handled = 0  # lines written (or refused) by the sink: the progress a stop watches
         self.failed = 0  # lines the sink refused since the last report
         self.failure = ""  # why, the last time
         self.failing = False
@@ -227,12 +227,12 @@ class LogWriter(logging.handlers.QueueListener):
             return record
 
     def handle(self, record: logging.LogRecord) -> None:
-        self.handled += 1
         sink = self.sink
         try:
             sink.emit(record)  # not sink.handle(): no sink lock for logging.shutdown() to wait on
         except Exception as exc:  # noqa: BLE001 - emit() catches its own; this thread must not die
             sink.error = exc
+        self.handled += 1  # after the write: what wait_written and a stop's progress count
         error, sink.error = sink.error, None
         if error is None:
             self.failing = False  # (again): a count still unreported goes out now, or when due
@@ -373,6 +373,7 @@ class BoundedQueueHandler(logging.handlers.QueueHandler):
         self.setFormatter(formatter)
         sink.setFormatter(logging.Formatter("%(message)s"))  # the text comes formatted
         self.drops = _Drops()
+        self.enqueued = 0  # lines given to the writer, queued or written at once (under this handler's lock)
         self.writer = LogWriter(self)
         self.started = False
         self.closed = False
@@ -396,6 +397,7 @@ class BoundedQueueHandler(logging.handlers.QueueHandler):
             self._count_drop()
         else:
             try:
+                self.enqueued += 1  # written at once, but counted as the writer counts it
                 self.writer.handle(self.prepare(record))
             except Exception:  # noqa: BLE001 - a record that can't be formatted
                 self.handleError(record)
@@ -408,6 +410,22 @@ class BoundedQueueHandler(logging.handlers.QueueHandler):
             self.queue.put_nowait(record)
         except queue.Full:
             self._count_drop()
+        else:
+            self.enqueued += 1
+
+    def wait_written(self, timeout_s: float) -> bool:
+        """Wait until the writer has taken every line queued so far, at most *timeout_s*.
+
+        A reopen waits for this, so lines logged before it (``received SIGUSR1``)
+        go to the old file; a stuck sink costs the wait, never more.
+        """
+        target = self.enqueued
+        deadline = time.monotonic() + timeout_s
+        while self.started and self.writer.handled < target:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
+        return True
 
     def _count_drop(self) -> None:
         self.drops.queue_full += 1
@@ -456,6 +474,7 @@ class BoundedQueueHandler(logging.handlers.QueueHandler):
             return
         self.queue = LineQueue()
         self.drops = _Drops()
+        self.enqueued = 0
         self.sink.error = None
         self.writer = LogWriter(self)
         self.writer.start()

@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 ROOT_LOGGER: Final = "tsecho"
 LOG_FILE_MODE: Final = 0o640
+# A reopen waits at most this long for the lines queued before it to reach the old file.
+REOPEN_WAIT_S: Final = 0.5
 _TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _JOURNAL_FORMAT: Final = "%(levelname)s %(name)s: %(message)s"
 _EVENT_FIELDS: Final = ("event", "peer", "via", "reason", "duration_s", "lines", "bytes_in", "bytes_out", "detail",
@@ -287,6 +289,7 @@ def reopen_logs() -> bool:
     for handler in list(_installed):
         sink = handler.sink
         if isinstance(sink, ReopenableFileHandler):
+            handler.wait_written(REOPEN_WAIT_S)
             try:
                 sink.reopen()
             except Exception as err:  # noqa: BLE001 - a signal must never take the process down
