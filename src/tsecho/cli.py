@@ -23,7 +23,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Final
 
-from . import __version__, systemd
+from . import __version__, affinity, systemd
 from .address import one_line
 from .access import AccessRules, normalize_address
 from .config import (KEYS, KEYS_BY_NAME, LISTENER_KEYS, LISTENER_TABLE, SECTIONS, Config, ConfigError,
@@ -284,9 +284,11 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
             raise
         reporter = SystemdReporter(watchdog_s=systemd.watchdog_interval_s(environ),
                                    on_ready=startup.ready if startup is not None else None)
-        if config.workers > 1:
+        if config.workers > 1:  # each worker pins itself (supervisor.py); the supervisor stays free
             return Supervisor(config, [(s.socket, s.listener_index) for s in servers], reload, reporter,
                               metrics_socket, tls=state.tls).run()
+        # Before the first thread starts: threads inherit the pin (affinity.py says why it matters).
+        affinity.pin_process(config.cpu_affinity)
         return Service(servers, state, reload, reporter, metrics_socket).run_until_stopped()
 
 

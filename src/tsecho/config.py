@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Final, cast
 
 from .access import AccessRuleError, AccessRules, parse_rule
+from . import affinity
 from .address import ListenAddress, one_line, parse_listen, shown
 from .protocol import PREFIX_PLACEHOLDERS, TIMESTAMP_STYLES, make_stamper
 from .tlsconfig import DEFAULT_HANDSHAKE_TIMEOUT_S, TLSSettings
@@ -148,6 +149,7 @@ class Config:
     workers: int = 1  # "auto" in the file is resolved to os.cpu_count()
     proxy_header_timeout_s: float = 5.0
     metrics_listen: ListenAddress | None = None  # off unless set (docs/operations.md, Metrics)
+    cpu_affinity: str = "auto"  # "auto", "off", or a CPU list ("0,2-3"), normalised by affinity.check_setting
     # [echo]
     timestamp: str = "ctime"
     utc: bool = False
@@ -380,6 +382,20 @@ def _workers_key() -> tuple[Checker, TextParser, str]:
     return check, parse, reason
 
 
+def _cpu_affinity_key() -> tuple[Checker, TextParser, str]:
+    reason = 'must be "auto", "off" or a list of CPU numbers like "0,2-3"'
+
+    def check(value: object) -> object:
+        if not isinstance(value, str):
+            raise _wrong_type(reason, value)
+        try:
+            return affinity.check_setting(value)
+        except ValueError as err:
+            raise ValueError(f"{reason} ({err})") from None
+
+    return check, check, reason
+
+
 _STRFTIME_TOKEN_RE: Final = re.compile(r"%.", re.DOTALL)
 
 
@@ -543,6 +559,9 @@ KEYS: Final[tuple[Key, ...]] = (
         "serve Prometheus metrics (GET /metrics) on this address; off unless set",
         _check_metrics_listen, _check_metrics_listen, flag=True, reloadable=False,
     ),
+    _make_key("cpu_affinity", "server", "string", _cpu_affinity_key(),
+              'pin each serving process to one CPU: "auto" = worker i on the i-th allowed CPU, "off", '
+              'or the CPUs to use in turn ("0,2-3")', reloadable=False),
     # [echo]
     Key(
         "timestamp", "echo", "string",

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final
 
+from . import affinity
 from .config import Config, ConfigError
 from .metrics import MetricsServer, render
 from .server import EchoServer, ReadyThreads
@@ -314,6 +315,8 @@ class Supervisor(ProcessControl):
         if self.metrics is not None:
             self.metrics.socket.close()  # the supervisor's: a worker serves no metrics
         _stop_with_parent(self._supervisor_pid)
+        # fork() left us one thread: pinned now, every thread this worker starts inherits the CPU.
+        affinity.pin_process(self.config.cpu_affinity, index, what=f"worker {index}")
         state = ServerState(self.config, worker=index, tls=self.tls)
         threads = ReadyThreads()
         servers = [EchoServer(sock, state, threads, index) for sock, index in self.sockets]

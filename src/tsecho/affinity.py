@@ -1,0 +1,126 @@
+"""Which CPU each serving process runs on: the ``cpu_affinity`` setting.
+
+A tsechod process is threads that take turns holding one GIL. Left to the
+scheduler, those threads run on every CPU, and each hand-over of the GIL
+becomes a wake-up on another CPU: on 2 CPUs an unpinned tsechod burned 1.4
+CPUs to do less than half of what the same process does pinned to one CPU
+(docs/performance.md, "What to expect"). So by default each serving process is
+pinned to one CPU, as nginx's ``worker_cpu_affinity auto`` and HAProxy's
+``cpu-map`` do: worker *i* runs on the *i*-th CPU this process may use.
+
+"The CPUs this process may use" is ``os.sched_getaffinity(0)`` at start: a
+systemd ``CPUAffinity=``, a cgroup cpuset or a ``taskset`` around tsechod has
+already narrowed it, and tsechod never pins outside it. This module parses the
+setting and picks the CPU (pure, tested without processes); ``pin_process``
+applies it to the calling process before its first thread starts (threads
+inherit their creator's affinity).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from typing import Final
+
+logger = logging.getLogger(__name__)
+
+AUTO: Final = "auto"
+OFF: Final = "off"
+# Linux's CONFIG_NR_CPUS is at most 8192; a bigger number is a typo.
+MAX_CPU: Final = 8191
+
+
+def parse_cpu_list(text: str) -> tuple[int, ...]:
+    """``"3,0-1"`` -> ``(0, 1, 3)``: a set of CPUs in taskset -c's syntax, lowest first.
+
+    Raises ValueError with the reason for anything else.
+    """
+    cpus: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        first, sep, last = part.partition("-")
+        if not first.strip().isdigit() or (sep and not last.strip().isdigit()):
+            raise ValueError(f"{part!r} is not a CPU number or range (like 0,2-3)")
+        lo = int(first)
+        hi = int(last) if sep else lo
+        if hi < lo:
+            raise ValueError(f"range {part!r} goes backwards")
+        if hi > MAX_CPU:
+            raise ValueError(f"CPU {hi} is beyond {MAX_CPU}")
+        cpus.extend(range(lo, hi + 1))
+    return tuple(sorted(set(cpus)))
+
+
+def check_setting(value: str) -> str:
+    """Normalise a ``cpu_affinity`` value: "auto", "off" or a CPU list like "0,2-3"; ValueError if bad."""
+    word = value.strip().lower()
+    if word in (AUTO, OFF):
+        return word
+    return format_cpus(parse_cpu_list(word))
+
+
+def format_cpus(cpus: Iterable[int]) -> str:
+    """``(0, 1, 2, 5)`` -> ``"0-2,5"`` (sorted; how the docs and logs write a CPU set)."""
+    ordered = sorted(set(cpus))
+    parts: list[str] = []
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def choose_cpu(setting: str, index: int, allowed: Iterable[int]) -> int | None:
+    """The CPU that serving process *index* (0 for a single process) is pinned to, or None for no pin.
+
+    "off": None. "auto": the *index*-th of the *allowed* CPUs (lowest first), wrapping
+    around when there are more workers than CPUs; None if only one CPU is allowed
+    (nothing to choose). A list: the same over the listed CPUs that are allowed;
+    None if none is.
+    """
+    allowed_set = set(allowed)
+    if setting == OFF or not allowed_set:
+        return None
+    if setting == AUTO:
+        if len(allowed_set) == 1:
+            return None
+        candidates = sorted(allowed_set)
+    else:
+        candidates = [cpu for cpu in parse_cpu_list(setting) if cpu in allowed_set]
+        if not candidates:
+            return None
+    return candidates[index % len(candidates)]
+
+
+def pin_process(setting: str, index: int = 0, what: str = "tsechod") -> int | None:
+    """Pin the calling process (before it starts threads) per *setting*; return the CPU, or None.
+
+    Never raises: a pin that can't be applied is a warning, and the process runs
+    where the scheduler puts it.
+    """
+    try:
+        allowed = os.sched_getaffinity(0)
+    except OSError as err:
+        logger.warning("cpu_affinity = %s: cannot read the allowed CPUs (%s); not pinning", setting, err)
+        return None
+    cpu = choose_cpu(setting, index, allowed)
+    if setting not in (AUTO, OFF) and cpu is not None and not set(parse_cpu_list(setting)) <= allowed:
+        logger.warning("cpu_affinity = %s: CPUs %s are not allowed for this process (allowed: %s); using the others",
+                       setting, format_cpus(set(parse_cpu_list(setting)) - allowed), format_cpus(allowed))
+    if cpu is None:
+        if setting not in (AUTO, OFF):
+            logger.warning("cpu_affinity = %s: none of these CPUs is allowed for this process (allowed: %s); "
+                           "not pinning (check systemd's CPUAffinity= or the cgroup's cpuset)",
+                           setting, format_cpus(allowed))
+        return None
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError as err:
+        logger.warning("cpu_affinity = %s: cannot pin %s to CPU %d: %s; not pinning", setting, what, cpu, err)
+        return None
+    logger.info("%s runs on CPU %d (cpu_affinity = %s; allowed: %s)", what, cpu, setting, format_cpus(allowed))
+    return cpu
