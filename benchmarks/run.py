@@ -8,7 +8,10 @@ It builds the C parts (loadgen, epoll_server) with the system gcc into
 benchmarks/build/, starts each server fresh for every cell, pins servers to
 CPU 0 and the generator to CPU 1, interleaves servers (A B C A B C), repeats
 each cell, prints medians, spreads (min-max) and ratios to uvloop and to the C
-server, and writes benchmarks/RESULTS.md. See docs/performance.md.
+server, and writes benchmarks/RESULTS.md. Then the same servers as users run
+them: unpinned, the generator unpinned too (tsechod with its shipped
+cpu_affinity, with it off, and with workers = number of CPUs), and tsechod
+sharing its CPU with a busy loop. See docs/performance.md.
 
 A benchmark, not a test: nothing here fails on speed. It exits non-zero only
 if it could not run (no compiler, a baseline that doesn't start, the generator
@@ -18,6 +21,7 @@ crashing) or, with --check, if any reply was wrong.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -92,6 +96,11 @@ proxy_trusted = ["127.0.0.0/8"]
 # console script and `python -m` measured apart by more than the noise (docs/performance.md).
 VARIANTS: Final = ("tsechod-metrics", "tsechod-baseline", "tsechod-candidate")
 SCRAPE_EVERY_S: Final = 1.0
+PYTHON_SERVERS: Final = ("tsechod", "tutorial", "asyncio", "uvloop")
+DEFAULT_REPEATS: Final = 5
+# Where the busy loop of the shared-CPU rows runs: the CPU cpu_affinity = "auto" pins a
+# single tsechod to (the first allowed one).
+BUSY_CPU: Final = 0
 
 
 @dataclass(frozen=True)
@@ -134,9 +143,23 @@ def workloads(quick: bool) -> list[Workload]:
     ]
 
 
-# Workloads of the workers=1 vs workers=2 comparison (tsechod unpinned).
-WORKERS_WORKLOADS: Final = ("pingpong64", "pingpong256", "pipeline", "connrate")
-WORKERS_WORKLOADS_QUICK: Final = ("pingpong64",)
+# Workloads also run as users run the servers: nothing pinned (server or generator).
+UNPINNED_WORKLOADS: Final = ("pingpong64", "pingpong256", "pipeline", "connrate")
+UNPINNED_WORKLOADS_QUICK: Final = ("pingpong64",)
+# Workloads run with a busy loop on the CPU a single tsechod pins itself to.
+SHARED_WORKLOADS: Final = ("pingpong64", "pingpong256")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How one row runs its server: which server, how many workers, pinned or not, what else runs."""
+
+    server: str
+    label: str
+    workers: int = 1
+    pinned: bool = True  # server on CPU 0 and generator on CPU 1 (taskset), as the first rows
+    affinity: str | None = None  # tsechod's cpu_affinity, when not its default
+    busy: bool = False  # a CPU-bound loop runs on BUSY_CPU during the run
 
 
 @dataclass
@@ -263,8 +286,9 @@ def listening_port(pid: int, exclude: int = 0) -> int | None:
 class Server:
     """A server under test, started fresh for one cell and stopped after it."""
 
-    def __init__(self, name: str, tmp: Path, pinned: bool, workers: int = 1, baseline_src: Path | None = None) -> None:
-        self.name, self.tmp, self.pinned, self.workers = name, tmp, pinned, workers
+    def __init__(self, name: str, tmp: Path, pinned: bool, workers: int = 1, baseline_src: Path | None = None,
+                 affinity: str | None = None) -> None:
+        self.name, self.tmp, self.pinned, self.workers, self.affinity = name, tmp, pinned, workers, affinity
         self.baseline_src = baseline_src
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tmp / f"{name}-w{workers}.log"
@@ -285,7 +309,8 @@ class Server:
             cmd = [str(TSECHOD), "--config", str(config), "--listen", "127.0.0.1:0", "--log-level", "warning"]
         elif self.name in ("tsechod", *VARIANTS):
             config = self.tmp / "tsechod.toml"
-            config.write_text(TSECHOD_CONFIG)
+            extra = f'[server]\ncpu_affinity = "{self.affinity}"\n' if self.affinity else ""
+            config.write_text(extra + TSECHOD_CONFIG)
             by_module = self.name in ("tsechod-baseline", "tsechod-candidate")
             program = [PYTHON, "-m", "tsecho.cli"] if by_module else [str(TSECHOD)]
             cmd = [*program, "--config", str(config), "--listen", "127.0.0.1:0", "--log-level", "warning"]
@@ -391,7 +416,25 @@ def make_tls_files(tmp: Path) -> tuple[Path, Path]:
 
 # ---------- one cell ----------
 
-def run_cell(wl: Workload, server: Server, args: argparse.Namespace, label: str) -> Cell:
+class BusyLoop:
+    """A CPU-bound process on one CPU for the length of a cell: another tenant of tsechod's CPU."""
+
+    def __init__(self, cpu: int) -> None:
+        self.cpu = cpu
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> "BusyLoop":
+        self.proc = subprocess.Popen(["taskset", "-c", str(self.cpu), PYTHON, "-c", "while True: pass"],
+                                     stdin=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.kill()  # our own child, by PID
+            self.proc.wait(timeout=SERVER_STOP_TIMEOUT_S)
+
+
+def run_cell(wl: Workload, server: Server, args: argparse.Namespace, label: str, gen_pinned: bool = True) -> Cell:
     cell = Cell(wl.name, label)
     duration, warmup = (("0.2", "0.05") if args.quick else (str(args.duration), "0.5"))
     cmd = [
@@ -402,7 +445,7 @@ def run_cell(wl: Workload, server: Server, args: argparse.Namespace, label: str)
         cmd.append("--spin")
     if server.name in PROXY_SERVERS:
         cmd += ["--proxy-header", str(PROXY_SERVERS[server.name])]
-    if args.pin:
+    if gen_pinned:
         cmd = ["taskset", "-c", "1"] + cmd
     assert server.proc is not None
     pid = server.proc.pid
@@ -447,6 +490,32 @@ def run_cell(wl: Workload, server: Server, args: argparse.Namespace, label: str)
 
 
 # ---------- the whole run ----------
+
+def make_plan(wls: list[Workload], servers: list[str], args: argparse.Namespace, repeats: int,
+              run_pinned: bool, run_unpinned: bool) -> list[tuple[Workload, Variant]]:
+    """Every run, in order: per workload, each repeat runs every row once (interleaved: A B C A B C)."""
+    pinned = [Variant(s, s) for s in servers] if run_pinned else []
+    unpinned: list[Variant] = []
+    shared: list[Variant] = []
+    if run_unpinned:
+        unpinned = [Variant(s, f"{s}-unpinned", pinned=False) for s in PYTHON_SERVERS if s in servers]
+        if "tsechod" in servers:
+            unpinned.append(Variant("tsechod", "tsechod-off-unpinned", pinned=False, affinity="off"))
+            if args.workers > 1:
+                unpinned.append(Variant("tsechod", f"tsechod-w{args.workers}-unpinned", workers=args.workers,
+                                        pinned=False))
+            if (os.cpu_count() or 1) > 1 and shutil.which("taskset"):
+                shared = [Variant("tsechod", "tsechod-unpinned-busy", pinned=False, busy=True),
+                          Variant("tsechod", "tsechod-off-unpinned-busy", pinned=False, affinity="off", busy=True)]
+                shared += [Variant("uvloop", "uvloop-unpinned-busy", pinned=False, busy=True)] if "uvloop" in servers else []
+    unpinned_wls = UNPINNED_WORKLOADS_QUICK if args.quick else UNPINNED_WORKLOADS
+    shared_wls = UNPINNED_WORKLOADS_QUICK if args.quick else SHARED_WORKLOADS
+    plan: list[tuple[Workload, Variant]] = []
+    for wl in wls:
+        rows = pinned + (unpinned if wl.name in unpinned_wls else []) + (shared if wl.name in shared_wls else [])
+        for _ in range(repeats):
+            plan += [(wl, variant) for variant in rows]
+    return plan
 
 def machine_info() -> dict[str, str]:
     model = "unknown"
@@ -549,8 +618,10 @@ def summarise(all_cells: list[Cell], wls: list[Workload], servers: list[str]) ->
                     f"{fmt(rb)} | {fmt(rd)} | {fmt(per, 1)} | {fmt(tb)} | {fmt(td)} |"
                 )
             else:
-                r_uv = med[s] / med["uvloop"] if med.get("uvloop") else float("nan")
-                r_c = med[s] / med["c-epoll"] if med.get("c-epoll") else float("nan")
+                # An unpinned row is compared with uvloop run the same way (same suffix); C runs pinned only.
+                how = s[s.index("-unpinned"):] if "-unpinned" in s else ""
+                r_uv = med[s] / med["uvloop" + how] if med.get("uvloop" + how) else float("nan")
+                r_c = med[s] / med["c-epoll"] if med.get("c-epoll") and not how else float("nan")
                 lat = {k: median(metric_values(cs, k)) for k in ("p50_us", "p99_us", "p999_us")}
                 scpu = median([c.server_cpu_pct for c in ok if c.server_cpu_pct is not None])
                 gcpu = median([c.gen_cpu_pct for c in ok if c.gen_cpu_pct is not None])
@@ -577,7 +648,7 @@ def generator_check(summary: dict[str, Any]) -> list[str]:
     for name, meds in summary.items():
         if ":" in name or name == "hold" or "c-epoll" not in meds:
             continue
-        py = {s: v for s, v in meds.items() if s != "c-epoll" and not s.startswith("tsechod-w") and v == v}
+        py = {s: v for s, v in meds.items() if s in PYTHON_SERVERS and v == v}  # the pinned rows
         if not py:
             continue
         best = max(py, key=lambda s: py[s])
@@ -591,48 +662,84 @@ def generator_check(summary: dict[str, Any]) -> list[str]:
             "|---|---|---|---|---|---|", *out, ""]
 
 
-def target_check(summary: dict[str, Any], server: str = "tsechod") -> list[str]:
-    """Issue 5's targets for tsechod, each met or missed, from this run's medians."""
-    def get(wl: str, s: str) -> float:
-        v = summary.get(wl, {}).get(s, float("nan"))
-        return float(v)
+def comparison(summary: dict[str, Any], wls: list[Workload]) -> list[str]:
+    """tsechod's ratio to the tutorial server and to uvloop, in each workload, pinned and as it comes."""
+    def ratio(wl: str, a: str, b: str) -> str:
+        meds = summary.get(wl, {})
+        x, y = float(meds.get(a, float("nan"))), float(meds.get(b, float("nan")))
+        return fmt(x / y, 2) + "x" if x == x and y == y and y else "-"
 
-    def lat(wl: str, s: str, key: str) -> float:
-        return float(summary.get(wl + ":latency", {}).get(s, {}).get(key, float("nan")))
+    workers = sorted({s for wl in summary.values() if isinstance(wl, dict) for s in wl
+                      if isinstance(s, str) and s.startswith("tsechod-w") and s.endswith("-unpinned")})
+    out = []
+    for wl in wls:
+        if wl.name == "hold" or wl.name not in summary:
+            continue
+        row = [wl.name, ratio(wl.name, "tsechod", "tutorial"), ratio(wl.name, "tsechod", "uvloop"),
+               ratio(wl.name, "tsechod-unpinned", "tutorial-unpinned"), ratio(wl.name, "tsechod-unpinned", "uvloop-unpinned"),
+               ratio(wl.name, "tsechod-unpinned", "tsechod"), ratio(wl.name, "tsechod-off-unpinned", "tsechod")]
+        row += [ratio(wl.name, w, "tutorial-unpinned") + " / " + ratio(wl.name, w, "uvloop-unpinned") for w in workers]
+        out.append("| " + " | ".join(row) + " |")
+    if not out:
+        return []
+    head = ("| workload | pinned: x tutorial | pinned: x uvloop | unpinned: x tutorial | unpinned: x uvloop | "
+            "unpinned / pinned | cpu_affinity off, unpinned / pinned |"
+            + "".join(f" {w}: x tutorial / x uvloop (unpinned) |" for w in workers))
+    return [head, "|" + "---|" * (7 + len(workers)), *out, ""]
 
-    def verdict(ok: bool | None) -> str:
-        return "n/a" if ok is None else ("met" if ok else "MISSED")
+
+def target_check(summary: dict[str, Any], cells: list[Cell], server: str = "tsechod") -> list[str]:
+    """Issue 10's targets (and the ones issue 5 met, to keep) for tsechod: met or missed, from this run's medians."""
+    def values(wl: str, s: str, key: str) -> list[float]:
+        return [float(c.result[key]) for c in cells
+                if c.workload == wl and c.server == s and c.result is not None and key in c.result]
+
+    def spread(wl: str, s: str, key: str, digits: int = 0) -> str:
+        v = values(wl, s, key)
+        return f"{fmt(min(v), digits)}-{fmt(max(v), digits)}" if v else "-"
+
+    def med(wl: str, s: str, key: str = "") -> float:
+        key = key or ("connections_per_s" if wl == "connrate" else "replies_per_s")
+        return median(values(wl, s, key))
 
     def ratio(a: float, b: float) -> float:
         return a / b if b == b and a == a and b else float("nan")
 
     rows = []
-    r = ratio(get("pingpong64", server), get("pingpong64", "uvloop"))
-    rows.append(("pingpong 64 conns", ">= 1.5x uvloop", f"{fmt(r, 2)}x", None if r != r else r >= 1.5))
-    r = ratio(get("pingpong256", server), get("pingpong256", "uvloop"))
-    p_us, p_uv = lat("pingpong256", server, "p999_us"), lat("pingpong256", "uvloop", "p999_us")
-    ok = None if r != r or p_us != p_us or p_uv != p_uv else (r >= 1.3 and p_us <= p_uv)
-    rows.append(("pingpong 256 conns", ">= 1.3x uvloop, p99.9 <= uvloop's",
-                 f"{fmt(r, 2)}x; p99.9 {fmt(p_us)} us vs {fmt(p_uv)} us", ok))
-    r = ratio(get("pipeline", server), get("pipeline", "uvloop"))
-    rows.append(("pipeline", ">= 10x uvloop", f"{fmt(r, 1)}x", None if r != r else r >= 10))
-    r = ratio(get("connrate", server), get("connrate", "uvloop"))
-    rows.append(("connection rate", ">= 1.0x uvloop", f"{fmt(r, 2)}x", None if r != r else r >= 1.0))
-    detail = summary.get("hold:detail", {})
-    if server in detail and "uvloop" in detail:
-        d = detail[server]
-        r = ratio(get("hold", server), get("hold", "uvloop"))
-        survived = f"{fmt(d['survivors'])} of {fmt(float(HOLD_CONNS))}"
-        ok = d["survivors"] >= HOLD_CONNS and d["kib_per_conn"] <= 12 and r <= 2
-        rows.append(("hold 10,000", "all survive; <= 12 KiB/conn; set-up <= 2x uvloop's",
-                     f"{survived} survived; {fmt(d['kib_per_conn'], 1)} KiB/conn; set-up {fmt(r, 2)}x", ok))
-    else:
-        rows.append(("hold 10,000", "all survive; <= 12 KiB/conn; set-up <= 2x uvloop's", "-", None))
-    r = ratio(lat("pingpong1", server, "p50_us"), lat("pingpong1", "c-epoll", "p50_us"))
-    rows.append(("pingpong 1 conn", "p50 <= 1.2x the C server's", f"{fmt(r, 2)}x", None if r != r else r <= 1.2))
-    out = ["| workload | target | this run | verdict |", "|---|---|---|---|"]
-    out += [f"| {a} | {b} | {c} | {verdict(d)} |" for a, b, c, d in rows]
-    return out + [""]
+
+    def row(what: str, target: str, r: float, ok: bool | None, spreads: str) -> None:
+        verdict = "n/a" if ok is None or r != r else ("met" if ok else "MISSED")
+        rows.append(f"| {what} | {target} | {fmt(r, 2)}x | {spreads} | {verdict} |")
+
+    def rate(wl: str) -> str:
+        return "connections_per_s" if wl == "connrate" else "replies_per_s"
+
+    for wl in ("pingpong64", "pingpong256", "connrate"):
+        r = ratio(med(wl, f"{server}-unpinned"), med(wl, server))
+        row(f"{wl}, as it comes", ">= 0.9x tsechod pinned", r, r >= 0.9,
+            f"unpinned {spread(wl, server + '-unpinned', rate(wl))}; pinned {spread(wl, server, rate(wl))}")
+    r = ratio(med("pingpong64", f"{server}-unpinned"), med("pingpong64", "uvloop-unpinned"))
+    row("pingpong64, as it comes", ">= 0.8x uvloop (unpinned)", r, r >= 0.8,
+        f"tsechod {spread('pingpong64', server + '-unpinned', 'replies_per_s')}; "
+        f"uvloop {spread('pingpong64', 'uvloop-unpinned', 'replies_per_s')}")
+    for wl in ("pingpong1", "pingpong16", "pingpong64", "pingpong256"):
+        r = ratio(med(wl, server), med(wl, "tutorial"))
+        row(f"{wl}, pinned", ">= 1.0x the tutorial server", r, r >= 1.0,
+            f"tsechod {spread(wl, server, 'replies_per_s')}; tutorial {spread(wl, 'tutorial', 'replies_per_s')}")
+    r = ratio(med("pingpong256", server, "p999_us"), med("pingpong256", "uvloop", "p999_us"))
+    row("pingpong256 p99.9, pinned", "<= 3x uvloop's", r, r <= 3,
+        f"tsechod {spread('pingpong256', server, 'p999_us')} us; uvloop {spread('pingpong256', 'uvloop', 'p999_us')} us")
+    r = ratio(med("pipeline", server), med("pipeline", "uvloop"))
+    row("pipeline, pinned", ">= 30x uvloop", r, r >= 30,
+        f"tsechod {spread('pipeline', server, 'replies_per_s')}; uvloop {spread('pipeline', 'uvloop', 'replies_per_s')}")
+    r = ratio(med("connrate", server), med("connrate", "uvloop"))
+    row("connrate, pinned", ">= 1.0x uvloop", r, r >= 1.0,
+        f"tsechod {spread('connrate', server, 'connections_per_s')}; uvloop {spread('connrate', 'uvloop', 'connections_per_s')}")
+    r = ratio(med("pingpong1", server, "p50_us"), med("pingpong1", "c-epoll", "p50_us"))
+    row("pingpong1 p50, pinned", "<= 1.2x the C server's", r, r <= 1.2,
+        f"tsechod {spread('pingpong1', server, 'p50_us', 1)} us; C {spread('pingpong1', 'c-epoll', 'p50_us', 1)} us")
+    return ["| workload | target | this run (ratio of medians) | spreads (min-max) | verdict |",
+            "|---|---|---|---|---|", *rows, ""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -640,16 +747,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny durations, one repeat (the smoke test)")
     parser.add_argument("--only", action="append", default=[], metavar="WORKLOAD",
                         help="run only this workload (repeatable): pingpong1 pingpong16 pingpong64 pingpong256 "
-                             "pipeline connrate hold workers")
+                             "pipeline connrate hold; 'pinned' or 'unpinned' to run only those rows")
     parser.add_argument("--servers", default=",".join(ALL_SERVERS),
                         help=f"comma-separated subset of {','.join(ALL_SERVERS)}, or the variants {','.join(VARIANTS)}")
     parser.add_argument("--baseline-src", type=Path, default=None, metavar="DIR",
                         help="source tree (with src/tsecho) that the tsechod-baseline server runs")
-    parser.add_argument("--repeats", type=int, default=None, help="runs per cell (default 3, --quick 1)")
+    parser.add_argument("--repeats", "--reps", type=int, default=None,
+                        help=f"runs per cell (default {DEFAULT_REPEATS}, --quick 1)")
     parser.add_argument("--duration", type=float, default=2.0, help="measured seconds per run (default 2)")
-    parser.add_argument("--workers", type=int, default=2, metavar="N",
-                        help="also run tsechod --workers N vs --workers 1, unpinned (0 = skip; default 2)")
-    parser.add_argument("--no-pin", dest="pin", action="store_false", help="don't pin with taskset")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
+                        help="the unpinned rows include tsechod --workers N (default: the number of CPUs; "
+                             "0 or 1: no such row)")
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="don't use taskset: only the unpinned rows run")
     parser.add_argument("--spin", action="store_true",
                         help="generator busy-polls epoll instead of sleeping (lower latency, burns CPU 1)")
     parser.add_argument("--output", type=Path, default=None, help="where to write the Markdown (default benchmarks/RESULTS.md; --quick: none)")
@@ -663,17 +773,19 @@ def main(argv: list[str] | None = None) -> int:
                      f"(and, for the cost of their checks, {', '.join(PROXY_SERVERS)}, tsechod-access; "
                      f"for same-run comparisons, {', '.join(VARIANTS)})")
     wls = workloads(args.quick)
-    names = [w.name for w in wls] + ["workers"]
+    names = [w.name for w in wls] + ["pinned", "unpinned"]
     for only in args.only:
         if only not in names:
             parser.error(f"unknown workload {only!r}; choose from {', '.join(names)}")
-    if args.only:
-        wls = [w for w in wls if w.name in args.only]
-    run_workers = args.workers > 1 and "tsechod" in servers and (not args.only or "workers" in args.only)
-    repeats = args.repeats or (1 if args.quick else 3)
+    only_wls = [o for o in args.only if o not in ("pinned", "unpinned")]
+    if only_wls:
+        wls = [w for w in wls if w.name in only_wls]
+    repeats = args.repeats or (1 if args.quick else DEFAULT_REPEATS)
     if args.pin and (shutil.which("taskset") is None or (os.cpu_count() or 1) < 2):
         print("benchmark: taskset missing or fewer than 2 CPUs: running unpinned", file=sys.stderr)
         args.pin = False
+    run_pinned = args.pin and ("unpinned" not in args.only or "pinned" in args.only)
+    run_unpinned = "pinned" not in args.only or "unpinned" in args.only
 
     try:
         build()
@@ -685,27 +797,26 @@ def main(argv: list[str] | None = None) -> int:
     info["nofile"] = str(nofile)
     started = time.monotonic()
     print(f"benchmark: {', '.join(servers)}; {len(wls)} workloads x {repeats} repeats; "
-          f"{'pinned: servers CPU 0, generator CPU 1' if args.pin else 'unpinned'}", flush=True)
+          f"{'pinned rows: servers CPU 0, generator CPU 1; ' if run_pinned else ''}"
+          f"{'unpinned rows: nothing pinned' if run_unpinned else ''}", flush=True)
 
     cells: list[Cell] = []
     available = {s: True for s in servers}
     with tempfile.TemporaryDirectory(prefix="tsecho-bench-") as tmpdir:
         tmp = Path(tmpdir)
-        plan: list[tuple[Workload, str, int, bool, str]] = []  # workload, server, workers, pinned, label
-        for wl in wls:
-            for _ in range(repeats):
-                plan += [(wl, s, 1, args.pin, s) for s in servers]  # interleaved: A B C A B C
-        if run_workers:
-            by_name = {w.name: w for w in workloads(args.quick)}
-            for name in WORKERS_WORKLOADS_QUICK if args.quick else WORKERS_WORKLOADS:
-                for _ in range(repeats):
-                    plan += [(by_name[name], "tsechod", n, False, f"tsechod-w{n}-unpinned") for n in (1, args.workers)]
-        for wl, name, workers, pinned, label in plan:
+        plan = make_plan(wls, servers, args, repeats, run_pinned, run_unpinned)
+        for wl, variant in plan:
+            label, name, workers = variant.label, variant.server, variant.workers
             if not available.get(label, True):
                 continue
             try:
-                with Server(name, tmp, pinned=pinned, workers=workers, baseline_src=args.baseline_src) as server:
-                    cell = run_cell(wl, server, args, label)
+                with contextlib.ExitStack() as stack:
+                    if variant.busy:
+                        stack.enter_context(BusyLoop(BUSY_CPU))
+                    server = stack.enter_context(
+                        Server(name, tmp, pinned=variant.pinned, workers=workers, baseline_src=args.baseline_src,
+                               affinity=variant.affinity))
+                    cell = run_cell(wl, server, args, label, gen_pinned=variant.pinned)
                 if server.metrics_port:
                     print(f"  {'':12} {label:24} scrapes={server.scrapes}", flush=True)
             except BenchError as err:
@@ -726,17 +837,19 @@ def main(argv: list[str] | None = None) -> int:
     info["loadavg_end"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     elapsed = time.monotonic() - started
 
-    table_servers = servers + sorted({c.server for c in cells if c.server not in servers})
-    all_wls = wls + [w for w in workloads(args.quick) if w.name in WORKERS_WORKLOADS and w not in wls and run_workers]
-    if run_workers and args.only:  # --only workers: its workloads were not in wls
-        all_wls = [w for w in workloads(args.quick) if w.name in WORKERS_WORKLOADS] + wls
-    lines, summary = summarise(cells, all_wls, table_servers)
+    labels_in_plan = list(dict.fromkeys(variant.label for _, variant in plan))
+    table_servers = [s for s in labels_in_plan if s in servers] + [s for s in labels_in_plan if s not in servers]
+    lines, summary = summarise(cells, wls, table_servers)
     gen_lines = generator_check(summary)
-    target_lines = target_check(summary) if "tsechod" in servers and not args.quick else []
+    compare_lines = comparison(summary, wls)
+    target_lines = target_check(summary, cells) if "tsechod" in servers and not args.quick else []
     print()
     print("\n".join(lines))
+    if compare_lines:
+        print("tsechod against the tutorial server and uvloop, pinned and as it comes:")
+        print("\n".join(compare_lines))
     if target_lines:
-        print("Issue 5 targets (tsechod):")
+        print("Targets (tsechod):")
         print("\n".join(target_lines))
     if gen_lines:
         print("Generator headroom (the C server is driven by the same generator):")
@@ -746,7 +859,7 @@ def main(argv: list[str] | None = None) -> int:
 
     output = args.output if args.output else (None if args.quick else RESULTS_MD)
     if output is not None:
-        write_results(output, info, args, repeats, elapsed, lines, gen_lines, target_lines, cells)
+        write_results(output, info, args, repeats, elapsed, lines, gen_lines, compare_lines, target_lines, cells)
         print(f"benchmark: wrote {output}")
     summary_json = {
         "bad_replies": {s: sum(int(c.result["bad_replies"]) for c in cells if c.result and c.server == s)
@@ -760,7 +873,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_results(path: Path, info: dict[str, str], args: argparse.Namespace, repeats: int, elapsed: float,
-                  lines: list[str], gen_lines: list[str], target_lines: list[str], cells: list[Cell]) -> None:
+                  lines: list[str], gen_lines: list[str], compare_lines: list[str], target_lines: list[str],
+                  cells: list[Cell]) -> None:
     cmd = "python benchmarks/run.py " + " ".join(sys.argv[1:])
     text = [
         "# Benchmark results",
@@ -773,7 +887,9 @@ def write_results(path: Path, info: dict[str, str], args: argparse.Namespace, re
         f"- kernel {info['kernel']}, Python {info['python']}, uvloop {info['uvloop']}, {info['gcc']}",
         f"- RLIMIT_NOFILE {info['nofile']}; load average {info['loadavg_start']} at the start, "
         f"{info['loadavg_end']} at the end (the machine is shared; see the spreads)",
-        f"- {'servers pinned to CPU 0, generator to CPU 1' if args.pin else 'unpinned'}; "
+        f"- rows without a suffix: server pinned to CPU 0, generator to CPU 1; `-unpinned`: nothing pinned "
+        f"(tsechod with its default cpu_affinity = \"auto\", `-off-`: cpu_affinity = \"off\", `-wN-`: workers = N); "
+        f"`-busy`: a CPU-bound loop runs on CPU {BUSY_CPU} meanwhile (the CPU a single tsechod pins itself to); "
         f"{repeats} runs per cell, servers interleaved; {args.duration if not args.quick else 0.25} s measured per run "
         "after a warm-up; 64-byte payloads; every reply checked",
         "",
@@ -781,9 +897,14 @@ def write_results(path: Path, info: dict[str, str], args: argparse.Namespace, re
         "",
         *lines,
     ]
+    if compare_lines:
+        text += ["## tsechod against the tutorial server and uvloop", "",
+                 "Ratios of this run's medians: pinned rows against pinned rows, unpinned against unpinned.", "",
+                 *compare_lines]
     if target_lines:
-        text += ["## Issue 5 targets", "", "Ratios of this run's medians (see the spreads above before trusting a "
-                 "near miss or a near pass).", "", *target_lines]
+        text += ["## Targets (issue 10, and issue 5's that were met)", "",
+                 "Ratios of this run's medians, with each side's spread over the runs (see the spreads before "
+                 "trusting a near miss or a near pass).", "", *target_lines]
     if gen_lines:
         text += ["## Generator headroom", "",
                  "The same generator drives the single-threaded C epoll server; how far it gets above the best Python "
