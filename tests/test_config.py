@@ -223,6 +223,10 @@ FILE_ERRORS = [
     ("[server]\nshutdown_timeout_s = -0.1\n",
      "[server] shutdown_timeout_s = -0.1: must be a number of seconds >= 0 (at most 31536000)"),
     ("[server]\nworkers = 0\n", '[server] workers = 0: must be an integer 1-256 or "auto"'),
+    ('[server]\ncpu_affinity = "2-0"\n', '[server] cpu_affinity = "2-0": must be "auto", "off" or a list of CPU '
+     "numbers like \"0,2-3\" (range '2-0' goes backwards)"),
+    ("[server]\ncpu_affinity = 1\n", '[server] cpu_affinity = 1: must be "auto", "off" or a list of CPU '
+     'numbers like "0,2-3", not an integer'),
     ("[server]\nworkers = 257\n", '[server] workers = 257: must be an integer 1-256 or "auto"'),
     ('[server]\nworkers = "many"\n', '[server] workers = "many": must be an integer 1-256 or "auto", not a string'),
     ("[server]\nworkers = 2.0\n", '[server] workers = 2.0: must be an integer 1-256 or "auto", not a float'),
@@ -286,7 +290,7 @@ FILE_ERRORS = [
      "unknown key 'idle_timeout' in [echo] (did you mean 'idle_timeout_s' in [server]?)"),
     ("[server]\nzzz = 5\n",
      "unknown key 'zzz' in [server] (keys in [server]: listen, backlog, idle_timeout_s, shutdown_timeout_s, workers, "
-     "proxy_header_timeout_s, metrics_listen)"),
+     "proxy_header_timeout_s, metrics_listen, cpu_affinity)"),
     ("[echo]\nbacklog = 5\n", "key 'backlog' belongs in [server], not in [echo]"),
     ("[daemon]\nlog_level = \"info\"\n", "key 'log_level' belongs in [log], not in [daemon]"),
     ("backlog = 5\n", "key 'backlog' must be in a section: put it under [server]"),
@@ -300,7 +304,7 @@ FILE_ERRORS = [
     ("[[server]]\nbacklog = 5\n", "'server' must be a section ([server]), not an array"),
     ("[server.tls]\ncert = 1\n",
      "unknown key 'tls' in [server] (keys in [server]: listen, backlog, idle_timeout_s, shutdown_timeout_s, workers, "
-     "proxy_header_timeout_s, metrics_listen)"),
+     "proxy_header_timeout_s, metrics_listen, cpu_affinity)"),
     # syntax
     ("[server]\nbacklog = \n", "invalid TOML: Invalid value (at line 2, column 11)"),
     ("[server\n", "invalid TOML: Expected ']' at the end of a table declaration (at line 1, column 8)"),
@@ -483,6 +487,8 @@ FILE_VALUES = [
     ('[server]\nworkers = "auto"\n', "workers", min(os.cpu_count() or 1, 256)),
     ('[server]\nworkers = "AUTO"\n', "workers", min(os.cpu_count() or 1, 256)),
     ("[server]\nworkers = 256\n", "workers", 256),
+    ('[server]\ncpu_affinity = "AUTO"\n', "cpu_affinity", "auto"),
+    ('[server]\ncpu_affinity = " 3, 0-1,1 "\n', "cpu_affinity", "0-1,3"),
     ('[server]\nlisten = "127.0.0.1:0"\n', "listen", (ListenAddress("127.0.0.1", 0),)),
     ('[server]\nlisten = ["0.0.0.0:8009", "[::]:8009"]\n', "listen",
      (ListenAddress("0.0.0.0", 8009), ListenAddress("::", 8009))),
@@ -572,6 +578,7 @@ SAMPLES: dict[str, tuple[str, str, object, object]] = {
     "shutdown_timeout_s": ("0", "3", 0.0, 3.0),
     "workers": ("2", "3", 2, 3),
     "metrics_listen": ('"127.0.0.1:9809"', "[::1]:9810", ListenAddress("127.0.0.1", 9809), ListenAddress("::1", 9810)),
+    "cpu_affinity": ('"off"', "1,0", "off", "0-1"),
     "timestamp": ('"iso"', "epoch", "iso", "epoch"),
     "utc": ("true", "no", True, False),
     "telnet": ("false", "yes", False, True),
@@ -720,7 +727,8 @@ def test_check_config_output_is_toml_with_a_source_comment_on_every_key(tmp_path
     text = format_config(config, sources)
     assert tomllib.loads(text) == {
         "server": {"listen": ["127.0.0.1:8009", "[::1]:8009"], "backlog": 5, "idle_timeout_s": 300.0,
-                   "shutdown_timeout_s": 10.0, "workers": 1, "proxy_header_timeout_s": 5.0},
+                   "shutdown_timeout_s": 10.0, "workers": 1, "proxy_header_timeout_s": 5.0,
+                   "cpu_affinity": "auto"},
         "echo": {"timestamp": "ctime", "utc": True, "telnet": True, "max_line_bytes": 65536,
                  "prefix": "[{stamp}] "},
         "log": {"log_target": "stderr", "log_format": "text", "log_level": "debug"},

@@ -34,6 +34,7 @@ from typing import Any, Final
 from .protocol import (ERR_BUSY, ERR_TOO_MANY_FROM_IP, LineDecoder, LineTooLong, TelnetFilter, count_lines,
                        err_line_too_long, format_replies)
 from .access import normalize_address
+from .config import Config
 from .proxyproto import (V1_MAX_BYTES, V2_HEADER_BYTES, V2_MAX_LENGTH_BYTES, IPAddress, ProxyHeader,
                          ProxyHeaderError, ProxyHeaderParser)
 from .state import Connection, ServerState, Stream
@@ -388,24 +389,34 @@ class EchoHandler(socketserver.BaseRequestHandler):
 
     def _serve(self) -> None:
         state = self.state
-        config = state.config
-        decoder = LineDecoder(config.max_line_bytes)
-        telnet = TelnetFilter() if config.telnet else None
+        conn = self.conn
+        sock = self.request
+        decoder = LineDecoder(state.config.max_line_bytes)
+        telnet = TelnetFilter() if state.config.telnet else None
         # Bound once: this loop runs for every request, and attribute lookups add up.
-        recv = self.request.recv
+        recv = sock.recv
+        send = sock.send
         poll = self._read_poll.poll
         monotonic = time.monotonic
         last_read = monotonic()
         line_started = 0.0  # when the first byte of the unfinished line arrived
         early, self._early = self._early, b""  # what came with a PROXY header: answered first
+        seen: Config | None = None  # the config the values below were taken from
+        idle_s = line_s = 0.0
+        max_line_bytes = 0
+        debug = False
+        plain = True  # no unfinished line, and the telnet filter (if any) between commands
         while True:
-            config = state.config  # a reload applies from the next read
-            decoder.max_line_bytes = config.max_line_bytes
+            if state.config is not seen:  # a reload applies from the next read
+                seen = state.config
+                idle_s, line_s = seen.idle_timeout_s, seen.line_timeout_s
+                decoder.max_line_bytes = max_line_bytes = seen.max_line_bytes
+                debug = logger.isEnabledFor(logging.DEBUG)  # a reload reconfigures logging first
             now = monotonic()
-            wait = last_read + config.idle_timeout_s - now
+            wait = last_read + idle_s - now
             why = "idle"
-            if decoder.pending:
-                slow_left = line_started + config.line_timeout_s - now
+            if not plain and decoder.pending:
+                slow_left = line_started + line_s - now
                 if slow_left <= wait:
                     wait, why = slow_left, "slow"
             if wait <= 0:
@@ -415,7 +426,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
             else:
                 # A blocking recv() with SO_RCVTIMEO would save this poll(), but then only
                 # shutdown(SHUT_RD) could wake us for a stop, and the kernel resets a peer
-                # that sends after that; the saving measured within the noise (docs/performance.md).
+                # that sends after that (docs/performance.md, "Tried").
                 if not poll(wait * 1000 + 1):
                     continue  # loop to re-check the deadlines
                 if state.stopping:
@@ -428,10 +439,25 @@ class EchoHandler(socketserver.BaseRequestHandler):
                     if telnet is None or not telnet.interrupted:
                         self._answer(decoder.finish())
                     raise _Closed("eof")
-                self.conn.bytes_in += len(data)
+                conn.bytes_in += len(data)
             last_read = monotonic()
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug("%s sent %d bytes: %s", self.conn.peer, len(data), _escape(data))
+            if debug:
+                logger.debug("%s sent %d bytes: %s", conn.peer, len(data), _escape(data))
+            if (plain and data[-1] == 10 and len(data) <= max_line_bytes + 1
+                    and (telnet is None or (b"\xff" not in data and b"\r\x00" not in data))):
+                # The common case, answered without the decoder and the filter: whole lines,
+                # none over the limit (the read is not), no telnet command and no CR NUL in
+                # them; the filter stays as it was (between commands, no CR pending).
+                conn.lines += count_lines(data)
+                reply = format_replies(data, state.stamper(state.clock()), state.prefixer)
+                try:
+                    sent = send(reply)
+                except BlockingIOError:
+                    sent = 0
+                conn.bytes_out += sent
+                if sent < len(reply):  # the peer's window is full: wait for it (rare, so out of line)
+                    self._send_rest(memoryview(reply)[sent:])
+                continue
             had_pending = decoder.pending
             if telnet is not None:
                 data = telnet.feed(data)
@@ -440,6 +466,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
                 raise _Closed("interrupt")
             if decoder.pending and (not had_pending or data.rfind(b"\n") >= 0):
                 line_started = last_read
+            plain = not decoder.pending and (telnet is None or telnet.at_rest)
 
     def _feed(self, decoder: LineDecoder, data: bytes) -> None:
         """Answer every line *data* completes, in one send."""

@@ -184,6 +184,11 @@ class TelnetFilter:
         self._after_cr = False
         self.interrupted = False
 
+    @property
+    def at_rest(self) -> bool:
+        """Between commands and not after a CR: ``feed`` returns data without IAC or CR NUL unchanged."""
+        return self._state == self._DATA and not self._after_cr
+
     def feed(self, data: bytes) -> bytes:
         """Return *data* without telnet commands. Stops at IAC IP."""
         if (
