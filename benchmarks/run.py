@@ -101,6 +101,9 @@ DEFAULT_REPEATS: Final = 5
 # Where the busy loop of the shared-CPU rows runs: the CPU cpu_affinity = "auto" pins a
 # single tsechod to (the first allowed one).
 BUSY_CPU: Final = 0
+# How long tsechod with cpu_affinity = "auto" gets to move away from the busy CPU: its
+# first status tick (5 s) looks at how busy each CPU was.
+AUTO_MOVE_S: Final = 6.0
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,7 @@ class Variant:
     pinned: bool = True  # server on CPU 0 and generator on CPU 1 (taskset), as the first rows
     affinity: str | None = None  # tsechod's cpu_affinity, when not its default
     busy: bool = False  # a CPU-bound loop runs on BUSY_CPU during the run
+    settle_s: float = 0.0  # wait this long after the server starts, before the generator does
 
 
 @dataclass
@@ -505,7 +509,11 @@ def make_plan(wls: list[Workload], servers: list[str], args: argparse.Namespace,
                 unpinned.append(Variant("tsechod", f"tsechod-w{args.workers}-unpinned", workers=args.workers,
                                         pinned=False))
             if (os.cpu_count() or 1) > 1 and shutil.which("taskset"):
-                shared = [Variant("tsechod", "tsechod-unpinned-busy", pinned=False, busy=True),
+                # pin0: stays on the busy CPU (what sharing costs); auto: moves away within a tick.
+                shared = [Variant("tsechod", f"tsechod-pin{BUSY_CPU}-unpinned-busy", pinned=False,
+                                  affinity=str(BUSY_CPU), busy=True),
+                          Variant("tsechod", "tsechod-unpinned-busy", pinned=False, busy=True,
+                                  settle_s=0.5 if args.quick else AUTO_MOVE_S),
                           Variant("tsechod", "tsechod-off-unpinned-busy", pinned=False, affinity="off", busy=True)]
                 shared += [Variant("uvloop", "uvloop-unpinned-busy", pinned=False, busy=True)] if "uvloop" in servers else []
     unpinned_wls = UNPINNED_WORKLOADS_QUICK if args.quick else UNPINNED_WORKLOADS
@@ -816,6 +824,8 @@ def main(argv: list[str] | None = None) -> int:
                     server = stack.enter_context(
                         Server(name, tmp, pinned=variant.pinned, workers=workers, baseline_src=args.baseline_src,
                                affinity=variant.affinity))
+                    if variant.settle_s:
+                        time.sleep(variant.settle_s)  # a fixed settling time, part of the row's definition
                     cell = run_cell(wl, server, args, label, gen_pinned=variant.pinned)
                 if server.metrics_port:
                     print(f"  {'':12} {label:24} scrapes={server.scrapes}", flush=True)
@@ -889,7 +899,9 @@ def write_results(path: Path, info: dict[str, str], args: argparse.Namespace, re
         f"{info['loadavg_end']} at the end (the machine is shared; see the spreads)",
         f"- rows without a suffix: server pinned to CPU 0, generator to CPU 1; `-unpinned`: nothing pinned "
         f"(tsechod with its default cpu_affinity = \"auto\", `-off-`: cpu_affinity = \"off\", `-wN-`: workers = N); "
-        f"`-busy`: a CPU-bound loop runs on CPU {BUSY_CPU} meanwhile (the CPU a single tsechod pins itself to); "
+        f"`-busy`: a CPU-bound loop runs on CPU {BUSY_CPU} meanwhile (the CPU a single tsechod pins itself to first; "
+        f"`-pin{BUSY_CPU}-`: cpu_affinity = \"{BUSY_CPU}\", it stays there; the auto row starts measuring "
+        f"{AUTO_MOVE_S:g} s after tsechod started, time for it to move away); "
         f"{repeats} runs per cell, servers interleaved; {args.duration if not args.quick else 0.25} s measured per run "
         "after a warm-up; 64-byte payloads; every reply checked",
         "",

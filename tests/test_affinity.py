@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tsecho.affinity import check_setting, choose_cpu, format_cpus, parse_cpu_list
+from tsecho.affinity import check_setting, choose_cpu, format_cpus, parse_cpu_list, pick_quieter
 
 ALLOWED = sorted(os.sched_getaffinity(0))
 needs_two_cpus = pytest.mark.skipif(len(ALLOWED) < 2, reason="needs at least two CPUs this process may use")
@@ -62,6 +65,18 @@ def test_setting_is_normalised() -> None:
 ])
 def test_worker_i_gets_the_ith_allowed_cpu(setting: str, index: int, allowed: set[int], cpu: int | None) -> None:
     assert choose_cpu(setting, index, allowed) == cpu
+
+
+@pytest.mark.parametrize(("current", "busy", "target"), [
+    (0, {0: 0.95, 1: 0.10}, 1),  # a neighbour spins on our CPU: move
+    (0, {0: 0.95, 1: 0.80}, None),  # every CPU is as crowded: stay
+    (0, {0: 0.30, 1: 0.00}, None),  # a little company is no reason to move
+    (1, {0: 0.20, 1: 0.90, 2: 0.05}, 2),  # to the quietest
+    (0, {0: 0.95}, None),  # nowhere to go
+])
+def test_auto_moves_only_away_from_a_crowded_cpu_to_a_clearly_quieter_one(
+        current: int, busy: dict[int, float], target: int | None) -> None:
+    assert pick_quieter(current, busy) == target
 
 
 # ---------- real processes ----------
@@ -149,3 +164,26 @@ def test_never_pins_outside_the_cpus_it_was_started_with(tsechod) -> None:
     listed.wait_for_log(rf"cpu_affinity = {ALLOWED[0]}: none of these CPUs is allowed for this process "
                         rf"\(allowed: {last}\); not pinning")
     assert alone.stop() == 0 and listed.stop() == 0
+
+
+@needs_two_cpus
+def test_auto_moves_away_from_a_cpu_a_busy_process_shares(tsechod) -> None:
+    first = ALLOWED[0]
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(spinner.pid, {first})
+        d = tsechod()
+        d.wait_for_log(rf"tsechod runs on CPU {first} ")
+        # The first status tick (5 s) sees the spinner and moves every thread, the new ones too.
+        d.wait_for_log(rf"tsechod moves from CPU {first} to CPU \d+: other processes kept CPU {first} \d+% busy",
+                       timeout=20)
+        moved_to = int(re.findall(r"moves from CPU \d+ to CPU (\d+)", d.log_text())[0])
+        assert moved_to != first
+        socks = open_connections(d, 2)
+        assert set(allowed_cpus(d.pid).values()) == {str(moved_to)}
+        for sock in socks:
+            sock.close()
+        assert d.stop() == 0
+    finally:
+        spinner.kill()  # ours, by PID
+        spinner.wait(timeout=10)

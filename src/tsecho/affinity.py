@@ -14,13 +14,21 @@ already narrowed it, and tsechod never pins outside it. This module parses the
 setting and picks the CPU (pure, tested without processes); ``pin_process``
 applies it to the calling process before its first thread starts (threads
 inherit their creator's affinity).
+
+A pinned process can't get away from a neighbour that keeps its CPU busy (a
+CPU-bound process there halves what tsechod does). So with "auto" the process
+also *follows* the quiet CPUs: every status tick, ``Pin.rebalance`` reads how
+busy each allowed CPU was (/proc/stat, tsechod's own time not counted) and moves
+every thread to a clearly quieter CPU when its own is crowded. An explicit list
+stays where the operator put it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Mapping
 from typing import Final
 
 logger = logging.getLogger(__name__)
@@ -29,6 +37,12 @@ AUTO: Final = "auto"
 OFF: Final = "off"
 # Linux's CONFIG_NR_CPUS is at most 8192; a bigger number is a typo.
 MAX_CPU: Final = 8191
+# A CPU that other processes kept at least this busy over the last tick (a fraction of
+# the tick) is crowded; "auto" moves to an allowed CPU at least MOVE_MARGIN quieter.
+# The margin is wide so that tsechod's own kernel work (not counted as its time) can't
+# make it hop back and forth: a neighbour that really competes uses most of a CPU.
+CROWDED: Final = 0.4
+MOVE_MARGIN: Final = 0.3
 
 
 def parse_cpu_list(text: str) -> tuple[int, ...]:
@@ -96,8 +110,87 @@ def choose_cpu(setting: str, index: int, allowed: Iterable[int]) -> int | None:
     return candidates[index % len(candidates)]
 
 
-def pin_process(setting: str, index: int = 0, what: str = "tsechod") -> int | None:
-    """Pin the calling process (before it starts threads) per *setting*; return the CPU, or None.
+def pick_quieter(current: int, busy_by_others: Mapping[int, float]) -> int | None:
+    """Where to move from *current*, given each allowed CPU's busy fraction without us; None: stay."""
+    here = busy_by_others.get(current, 0.0)
+    if here < CROWDED or len(busy_by_others) < 2:
+        return None
+    quietest = min(busy_by_others, key=lambda cpu: (busy_by_others[cpu], cpu))
+    return quietest if busy_by_others[quietest] <= here - MOVE_MARGIN else None
+
+
+def busy_ticks(path: str = "/proc/stat") -> dict[int, int]:
+    """user + nice + system clock ticks of each CPU since boot (interrupts and steal not counted)."""
+    out = {}
+    with open(path) as stat:
+        for line in stat:
+            if line.startswith("cpu") and line[3:4].isdigit():
+                name, user, nice, system, *_ = line.split()
+                out[int(name[3:])] = int(user) + int(nice) + int(system)
+    return out
+
+
+class Pin:
+    """Where one serving process is pinned; with *follow*, it moves away from a crowded CPU."""
+
+    def __init__(self, cpu: int, allowed: Iterable[int], follow: bool, what: str) -> None:
+        self.cpu = cpu
+        self.allowed = frozenset(allowed)
+        self.follow = follow
+        self.what = what
+        self._hz = os.sysconf("SC_CLK_TCK")
+        self._last = self._sample()
+
+    def _sample(self) -> tuple[float, float, dict[int, int]]:
+        times = os.times()
+        return time.monotonic(), times.user + times.system, busy_ticks()
+
+    def rebalance(self) -> int | None:
+        """Called every status tick: move to a quieter CPU if ours is crowded; return the new CPU, or None."""
+        if not self.follow:
+            return None
+        try:
+            now, ours, ticks = self._sample()
+        except (OSError, ValueError):
+            return None
+        then, ours_then, ticks_then = self._last
+        self._last = (now, ours, ticks)
+        span = (now - then) * self._hz
+        if span <= 0:
+            return None
+        busy = {cpu: (ticks[cpu] - ticks_then.get(cpu, ticks[cpu])) / span
+                for cpu in self.allowed if cpu in ticks}
+        if self.cpu in busy:  # all our time was spent on our CPU
+            busy[self.cpu] = max(0.0, busy[self.cpu] - (ours - ours_then) / (now - then))
+        target = pick_quieter(self.cpu, busy)
+        if target is None:
+            return None
+        if not _move_threads(target):
+            return None
+        logger.info("%s moves from CPU %d to CPU %d: other processes kept CPU %d %.0f%% busy, CPU %d %.0f%% "
+                    "(cpu_affinity = auto)", self.what, self.cpu, target, self.cpu, 100 * busy[self.cpu],
+                    target, 100 * busy[target])
+        self.cpu = target
+        return target
+
+
+def _move_threads(cpu: int) -> bool:
+    """Pin every thread of this process to *cpu* (threads started later inherit it from their creator)."""
+    try:
+        for _ in range(2):  # a second pass catches a thread started during the first
+            for tid in os.listdir("/proc/self/task"):
+                try:
+                    os.sched_setaffinity(int(tid), {cpu})
+                except ProcessLookupError:
+                    pass  # it ended meanwhile
+    except OSError as err:
+        logger.warning("cpu_affinity = auto: cannot move to CPU %d: %s", cpu, err)
+        return False
+    return True
+
+
+def pin_process(setting: str, index: int = 0, what: str = "tsechod") -> Pin | None:
+    """Pin the calling process (before it starts threads) per *setting*; return the Pin, or None.
 
     Never raises: a pin that can't be applied is a warning, and the process runs
     where the scheduler puts it.
@@ -123,4 +216,4 @@ def pin_process(setting: str, index: int = 0, what: str = "tsechod") -> int | No
         logger.warning("cpu_affinity = %s: cannot pin %s to CPU %d: %s; not pinning", setting, what, cpu, err)
         return None
     logger.info("%s runs on CPU %d (cpu_affinity = %s; allowed: %s)", what, cpu, setting, format_cpus(allowed))
-    return cpu
+    return Pin(cpu, allowed, follow=setting == AUTO, what=what)

@@ -288,8 +288,8 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
             return Supervisor(config, [(s.socket, s.listener_index) for s in servers], reload, reporter,
                               metrics_socket, tls=state.tls).run()
         # Before the first thread starts: threads inherit the pin (affinity.py says why it matters).
-        affinity.pin_process(config.cpu_affinity)
-        return Service(servers, state, reload, reporter, metrics_socket).run_until_stopped()
+        pin = affinity.pin_process(config.cpu_affinity)
+        return Service(servers, state, reload, reporter, metrics_socket, pin=pin).run_until_stopped()
 
 
 def run_stdio(explicit: str | None, environ: Mapping[str, str], overrides: Overrides) -> int:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
 from . import systemd
+from .affinity import Pin
 from .config import KEYS, Config, ConfigError
 from .logsetup import configure_logging, reopen_logs
 from .metrics import MetricsServer, render
@@ -225,8 +226,10 @@ class Service(ProcessControl):
         load_config: Callable[[], Config],
         reporter: Reporter | None = None,
         metrics_socket: socket.socket | None = None,
+        pin: Pin | None = None,
     ) -> None:
         super().__init__()
+        self.pin = pin  # where cpu_affinity put this process (affinity.py); it may move on a tick
         self.servers = list(servers)
         self.state = state
         self.load_config = load_config
@@ -277,6 +280,8 @@ class Service(ProcessControl):
     def tick(self) -> None:
         self.reporter.status(self.state.figures(), self.accept_loops_alive_at())
         log_refusals(self.state)
+        if self.pin is not None:
+            self.pin.rebalance()
 
     def handle_hup(self) -> None:
         """Re-read the config file; keep the running config if the new one is bad."""

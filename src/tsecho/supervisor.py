@@ -316,13 +316,13 @@ class Supervisor(ProcessControl):
             self.metrics.socket.close()  # the supervisor's: a worker serves no metrics
         _stop_with_parent(self._supervisor_pid)
         # fork() left us one thread: pinned now, every thread this worker starts inherits the CPU.
-        affinity.pin_process(self.config.cpu_affinity, index, what=f"worker {index}")
+        pin = affinity.pin_process(self.config.cpu_affinity, index, what=f"worker {index}")
         state = ServerState(self.config, worker=index, tls=self.tls)
         threads = ReadyThreads()
         servers = [EchoServer(sock, state, threads, index) for sock, index in self.sockets]
         reporter = WorkerReporter(index, self._figures, self._ready_w)
         # Installs the worker's own handlers and takes any signal that waited meanwhile.
-        return Service(servers, state, self.load_config, reporter=reporter).run_until_stopped()
+        return Service(servers, state, self.load_config, reporter=reporter, pin=pin).run_until_stopped()
 
 
 def _stop_with_parent(supervisor_pid: int) -> None:
