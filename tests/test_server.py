@@ -43,6 +43,26 @@ def test_many_concurrent_clients_each_get_their_own_replies(server: EchoServer) 
     assert failures == []
 
 
+def test_plain_reads_and_telnet_commands_split_across_reads_answer_alike(server: EchoServer) -> None:
+    # Plain reads of whole lines take the line loop's fast path; the others go through the
+    # telnet filter and the decoder. A command or a CR NUL cut by a read boundary must still
+    # be removed, and the fast path must not resume before the filter is between commands.
+    pieces = [
+        (b"plain one\n", [b"plain one\n"]),
+        (b"two \xff", []),  # IAC: the rest of the command comes with the next read
+        (b"\xfb\x01rest\n", [b"two rest\n"]),
+        (b"abc\r", []),  # telnet's Enter is CR NUL; the NUL comes next
+        (b"\x00def\n", [b"abc\r\n", b"def\n"]),
+        (b"plain again\n", [b"plain again\n"]),
+    ]
+    with socket.create_connection(server.server_address, timeout=5) as sock:
+        for piece, replies in pieces:
+            sock.sendall(piece)
+            if replies:  # wait for them, so the next piece is another read
+                expected = b"".join(STAMP + b" " + line for line in replies)
+                assert recv_until(sock, len(replies)) == expected
+
+
 def test_half_close_gets_the_partial_last_line_answered(server: EchoServer) -> None:
     with socket.create_connection(server.server_address, timeout=2) as sock:
         sock.sendall(b"one\npartial")
