@@ -26,8 +26,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final, cast
 
-from .access import AccessRuleError, AccessRules, parse_rule
 from . import affinity
+from .access import AccessRuleError, AccessRules, parse_rule
 from .address import ListenAddress, one_line, parse_listen, shown
 from .protocol import PREFIX_PLACEHOLDERS, TIMESTAMP_STYLES, make_stamper
 from .tlsconfig import DEFAULT_HANDSHAKE_TIMEOUT_S, TLSSettings
