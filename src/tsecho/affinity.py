@@ -139,7 +139,13 @@ class Pin:
         self.follow = follow
         self.what = what
         self._hz = os.sysconf("SC_CLK_TCK")
-        self._last = self._sample()
+        self._last: tuple[float, float, dict[int, int]] = (0.0, 0.0, {})
+        if follow:
+            try:
+                self._last = self._sample()
+            except (OSError, ValueError) as err:  # ProcSubset=pid in a unit hides /proc/stat, say
+                logger.info("%s stays on CPU %d: cannot read how busy the CPUs are (%s)", what, cpu, err)
+                self.follow = False
 
     def _sample(self) -> tuple[float, float, dict[int, int]]:
         times = os.times()
@@ -213,7 +219,9 @@ def pin_process(setting: str, index: int = 0, what: str = "tsechod") -> Pin | No
     try:
         os.sched_setaffinity(0, {cpu})
     except OSError as err:
-        logger.warning("cpu_affinity = %s: cannot pin %s to CPU %d: %s; not pinning", setting, what, cpu, err)
+        logger.warning("cpu_affinity = %s: cannot pin %s to CPU %d: %s; not pinning (a systemd unit's "
+                       "SystemCallFilter= must allow sched_setaffinity; or set cpu_affinity = \"off\")",
+                       setting, what, cpu, err.strerror or err)
         return None
     logger.info("%s runs on CPU %d (cpu_affinity = %s; allowed: %s)", what, cpu, setting, format_cpus(allowed))
     return Pin(cpu, allowed, follow=setting == AUTO, what=what)
