@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import require_tool, wait_until
 from tsecho.affinity import check_setting, choose_cpu, format_cpus, parse_cpu_list, pick_quieter
 
 ALLOWED = sorted(os.sched_getaffinity(0))
@@ -187,3 +189,28 @@ def test_auto_moves_away_from_a_cpu_a_busy_process_shares(tsechod) -> None:
     finally:
         spinner.kill()  # ours, by PID
         spinner.wait(timeout=10)
+
+
+@needs_two_cpus
+def test_a_proc_without_stat_pins_without_following(tmp_path: Path) -> None:
+    # As under a unit with ProcSubset=pid: /proc shows only processes, so the CPUs' load can't be read.
+    require_tool("unshare")
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a mount namespace with its own /proc")
+    config = tmp_path / "tsechod.toml"
+    config.write_text("")
+    stderr = tmp_path / "stderr"
+    inner = (f"mount -o remount,subset=pid /proc && exec {sys.executable} -m tsecho.cli --config {config} "
+             "--listen 127.0.0.1:0")
+    with open(stderr, "wb") as err:
+        proc = subprocess.Popen(["unshare", "--mount", "--pid", "--fork", "--mount-proc", "sh", "-c", inner],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_until(lambda: "stays on CPU" in stderr.read_text(), timeout=15)
+        text = stderr.read_text()
+        assert f"tsechod runs on CPU {ALLOWED[0]} " in text
+        assert "cannot read how busy the CPUs are" in text and "Traceback" not in text
+    finally:
+        for child in children(proc.pid):  # unshare forwards no signal: stop its child, tsechod, by PID
+            os.kill(child, signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
