@@ -12,8 +12,8 @@ pinned to one CPU, as nginx's ``worker_cpu_affinity auto`` and HAProxy's
 systemd ``CPUAffinity=``, a cgroup cpuset or a ``taskset`` around tsechod has
 already narrowed it, and tsechod never pins outside it. This module parses the
 setting and picks the CPU (pure, tested without processes); ``pin_process``
-applies it to the calling process before its first thread starts (threads
-inherit their creator's affinity).
+applies it to every thread of the calling process, before the acceptors and
+connection threads start (threads inherit their creator's affinity).
 
 A pinned process can't get away from a neighbour that keeps its CPU busy (a
 CPU-bound process there halves what tsechod does). So with "auto" the process
@@ -180,15 +180,23 @@ class Pin:
         return target
 
 
+def _pin_threads(cpu: int) -> None:
+    """Pin every thread of this process to *cpu*; threads started later inherit it from their creator.
+
+    Raises OSError (EPERM under a seccomp filter without sched_setaffinity, say).
+    """
+    for _ in range(2):  # a second pass catches a thread started during the first
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), {cpu})
+            except ProcessLookupError:
+                pass  # it ended meanwhile
+
+
 def _move_threads(cpu: int) -> bool:
-    """Pin every thread of this process to *cpu* (threads started later inherit it from their creator)."""
+    """Move every thread of this process to *cpu*; False (and a warning) if that fails."""
     try:
-        for _ in range(2):  # a second pass catches a thread started during the first
-            for tid in os.listdir("/proc/self/task"):
-                try:
-                    os.sched_setaffinity(int(tid), {cpu})
-                except ProcessLookupError:
-                    pass  # it ended meanwhile
+        _pin_threads(cpu)
     except OSError as err:
         logger.warning("cpu_affinity = auto: cannot move to CPU %d: %s", cpu, err)
         return False
@@ -196,7 +204,7 @@ def _move_threads(cpu: int) -> bool:
 
 
 def pin_process(setting: str, index: int = 0, what: str = "tsechod") -> Pin | None:
-    """Pin the calling process (before it starts threads) per *setting*; return the Pin, or None.
+    """Pin the calling process's threads per *setting*; return the Pin, or None.
 
     Never raises: a pin that can't be applied is a warning, and the process runs
     where the scheduler puts it.
@@ -217,7 +225,7 @@ def pin_process(setting: str, index: int = 0, what: str = "tsechod") -> Pin | No
                            setting, format_cpus(allowed))
         return None
     try:
-        os.sched_setaffinity(0, {cpu})
+        _pin_threads(cpu)  # the main thread, and any started already (the log writer)
     except OSError as err:
         logger.warning("cpu_affinity = %s: cannot pin %s to CPU %d: %s; not pinning (a systemd unit's "
                        "SystemCallFilter= must allow sched_setaffinity; or set cpu_affinity = \"off\")",

@@ -287,7 +287,7 @@ def run(explicit: str | None, environ: Mapping[str, str], overrides: Overrides, 
         if config.workers > 1:  # each worker pins itself (supervisor.py); the supervisor stays free
             return Supervisor(config, [(s.socket, s.listener_index) for s in servers], reload, reporter,
                               metrics_socket, tls=state.tls).run()
-        # Before the first thread starts: threads inherit the pin (affinity.py says why it matters).
+        # Before the acceptors and connection threads start: they inherit the pin (affinity.py says why).
         pin = affinity.pin_process(config.cpu_affinity)
         return Service(servers, state, reload, reporter, metrics_socket, pin=pin).run_until_stopped()
 

@@ -315,7 +315,7 @@ class Supervisor(ProcessControl):
         if self.metrics is not None:
             self.metrics.socket.close()  # the supervisor's: a worker serves no metrics
         _stop_with_parent(self._supervisor_pid)
-        # fork() left us one thread: pinned now, every thread this worker starts inherits the CPU.
+        # Before this worker starts its threads: every one of them inherits the CPU.
         pin = affinity.pin_process(self.config.cpu_affinity, index, what=f"worker {index}")
         state = ServerState(self.config, worker=index, tls=self.tls)
         threads = ReadyThreads()
