@@ -85,7 +85,7 @@ def test_ready_is_sent_once_every_worker_is_up(tsechod, tmp_path: Path) -> None:
         while "READY=1" not in messages:
             messages.append(listener.recv(4096).decode())
         assert len(workers_of(d.pid)) == 2
-        assert "2 workers ready" in d.log_text()
+        d.wait_for_log(r"2 workers ready")  # logged before READY=1, written by the log writer thread
         status = listener.recv(4096).decode()
         assert re.match(r"STATUS=2 workers, \d+ connections, \d+ lines, \d+ refused", status), status
 
