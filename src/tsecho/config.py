@@ -273,15 +273,14 @@ def _int_key(lo: int, hi: int | None, note: str = "") -> tuple[Checker, TextPars
     return check, parse, reason
 
 
-def _seconds_key(lo: float, inclusive: bool) -> tuple[Checker, TextParser, str]:
-    op = ">=" if inclusive else ">"
-    reason = f"must be a number of seconds {op} {lo:g} (at most {MAX_TIMEOUT_S:.0f})"
+def _number_key(lo: float, hi: float, inclusive: bool, reason: str) -> tuple[Checker, TextParser, str]:
+    """A finite number from *lo* (excluded unless *inclusive*) to *hi*, from TOML or text."""
 
     def check(value: object) -> object:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _wrong_type(reason, value)
         number = float(value)
-        if not math.isfinite(number) or number > MAX_TIMEOUT_S:
+        if not math.isfinite(number) or number > hi:
             raise ValueError(reason)
         if number < lo or (number == lo and not inclusive):
             raise ValueError(reason)
@@ -294,6 +293,12 @@ def _seconds_key(lo: float, inclusive: bool) -> tuple[Checker, TextParser, str]:
         return check(float(text))
 
     return check, parse, reason
+
+
+def _seconds_key(lo: float, inclusive: bool) -> tuple[Checker, TextParser, str]:
+    op = ">=" if inclusive else ">"
+    return _number_key(lo, MAX_TIMEOUT_S, inclusive,
+                       f"must be a number of seconds {op} {lo:g} (at most {MAX_TIMEOUT_S:.0f})")
 
 
 def _bool_key() -> tuple[Checker, TextParser, str]:
@@ -483,23 +488,8 @@ def _check_metrics_listen(value: object) -> object:
 
 
 def _rate_key() -> tuple[Checker, TextParser, str]:
-    reason = f"must be a number of connections per second >= 0 (0 = off; at most {MAX_RATE_PER_S:.0f})"
-
-    def check(value: object) -> object:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _wrong_type(reason, value)
-        number = float(value)
-        if not math.isfinite(number) or not 0 <= number <= MAX_RATE_PER_S:
-            raise ValueError(reason)
-        return number
-
-    def parse(text: str) -> object:
-        text = text.strip()
-        if not _FLOAT_RE.match(text):
-            raise ValueError(reason)
-        return check(float(text))
-
-    return check, parse, reason
+    return _number_key(0, MAX_RATE_PER_S, True, "must be a number of connections per second >= 0 "
+                       f"(0 = off; at most {MAX_RATE_PER_S:.0f})")
 
 
 def _rules_key() -> tuple[Checker, TextParser, str]:
