@@ -9,6 +9,7 @@ import time
 
 from helpers import STAMP, fan_out, recv_all, recv_lines, recv_until, wait_until
 
+from tsecho.handler import HOT_WAIT_S
 from tsecho.server import EchoServer
 
 
@@ -109,6 +110,30 @@ def test_stop_answers_lines_already_received(server_factory) -> None:
         server.state.begin_stop(2.0)
         data = recv_all(sock)
     assert data == STAMP + b" queued 1\n" + STAMP + b" queued 2\n"
+
+
+def test_stop_reaches_connections_it_just_answered_within_the_hot_wait(server_factory) -> None:
+    # Each handler is inside its blocking recv() (SO_RCVTIMEO), not poll(): the stop pipe can't
+    # wake it, so it must notice the stop when that recv() times out, HOT_WAIT_S later.
+    server = server_factory(shutdown_timeout_s=5.0)
+    socks = [socket.create_connection(server.server_address, timeout=5) for _ in range(20)]
+    try:
+        for i, sock in enumerate(socks):
+            sock.sendall(b"busy %d\n" % i)
+        for i, sock in enumerate(socks):
+            assert recv_lines(sock, 1) == [STAMP + b" busy %d" % i]
+        started = time.monotonic()
+        server.state.begin_stop(5.0)
+        took = []
+        for sock in socks:
+            assert recv_all(sock) == b""  # our FIN, not a reset
+            took.append(time.monotonic() - started)
+    finally:
+        for sock in socks:
+            sock.close()
+    # Well under the 5 s the stop allows: the hot wait, plus scheduling on a busy machine.
+    assert max(took) < HOT_WAIT_S + 1.0, took
+    assert server.state.wait_closed(3.0) == 0
 
 
 def test_peer_reset_mid_line_leaves_the_server_serving(server: EchoServer) -> None:

@@ -3,11 +3,15 @@
 ``EchoHandler`` serves one admitted connection in its own thread: first the
 *preamble* (phases before any line is read: a PROXY header, a TLS handshake;
 each one a method with its own deadline), then the line loop, then close.
-The socket is non-blocking and every wait is a ``poll()`` on two things: the
-peer's socket and the server's stop pipe. That lets a stop reach a thread
-blocked waiting for an idle peer at once, without a polling interval and
-without closing the socket under it. Protocol rules live in protocol.py; what
-the thread shares with others (config, clock, stop, counters) in state.py.
+A wait for a quiet peer is a ``poll()`` on two things: the peer's socket and
+the server's stop pipe. That lets a stop reach a thread blocked waiting for an
+idle peer at once, without a polling interval and without closing the socket
+under it. A plain TCP connection that was just answered first waits for the
+next line in ``recv()`` itself, at most ``HOT_WAIT_S`` (the kernel's
+``SO_RCVTIMEO``): one system call per request instead of two, as in the
+tutorial server; a stop reaches such a thread when its ``recv()`` returns.
+Protocol rules live in protocol.py; what the thread shares with others
+(config, clock, stop, counters) in state.py.
 
 Error mapping is in one place, ``handle``: a peer's fault becomes the access
 event's reason; anything else is a bug, logged once with its traceback by the
@@ -28,6 +32,7 @@ import select
 import socket
 import socketserver
 import ssl
+import struct
 import time
 from typing import Any, Final
 
@@ -49,6 +54,12 @@ DRAIN_BYTES: Final = 1 << 20
 # After an ERR line, how long a peer that is still sending may take to leave before it
 # gets a reset (what it sends meanwhile is read and dropped).
 LINGER_S: Final = 2.0
+# How long a plain TCP connection waits for its peer's next line in a blocking recv() before
+# it parks in poll(): the longest a stop takes to reach a connection that was just busy. At
+# 20 ms the timer itself cost pingpong 1 about 2 us a request on the benchmark VM; at 50 ms
+# and longer, nothing measurable (docs/performance.md).
+HOT_WAIT_S: Final = 0.05
+_HOT_WAIT_TIMEVAL: Final = struct.pack("@ll", 0, int(HOT_WAIT_S * 1_000_000))
 
 _POLLIN: Final = select.POLLIN | select.POLLPRI
 _POLLOUT: Final = select.POLLOUT
@@ -210,6 +221,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
         self._read_poll.register(self.request, _POLLIN)
         self._read_poll.register(self.state.stop_fd, select.POLLIN)
         self._write_poll: select.poll | None = None  # made when a reply first has to wait
+        self._blocking = False  # True while the line loop reads with blocking recv() (see _serve)
 
     def handle(self) -> None:
         try:
@@ -406,6 +418,15 @@ class EchoHandler(socketserver.BaseRequestHandler):
         max_line_bytes = 0
         debug = False
         plain = True  # no unfinished line, and the telnet filter (if any) between commands
+        # Plain TCP only: a TLS read may need several socket reads (ssl retries a blocking one
+        # forever), and --stdio's pipes have no SO_RCVTIMEO.
+        hot = isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket)
+        if hot:  # sends are bounded the same way; _send_rest does the waiting past that
+            assert isinstance(sock, socket.socket)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _HOT_WAIT_TIMEVAL)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _HOT_WAIT_TIMEVAL)
+            sock.setblocking(True)
+        self._blocking = hot
         while True:
             if state.config is not seen:  # a reload applies from the next read
                 seen = state.config
@@ -424,17 +445,26 @@ class EchoHandler(socketserver.BaseRequestHandler):
             if early:
                 data, early = early, b""  # already counted in bytes_in
             else:
-                # A blocking recv() with SO_RCVTIMEO would save this poll(), but then only
-                # shutdown(SHUT_RD) could wake us for a stop, and the kernel resets a peer
-                # that sends after that (docs/performance.md, "Tried").
-                if not poll(wait * 1000 + 1):
-                    continue  # loop to re-check the deadlines
-                if state.stopping:
-                    self._finish_for_stop(decoder, telnet)
-                try:
-                    data = recv(RECV_BYTES)
-                except BlockingIOError:
-                    continue
+                read = False
+                if hot and wait > HOT_WAIT_S:
+                    # A busy peer's next line comes within a round trip: wait for it in recv()
+                    # itself, the socket blocking with SO_RCVTIMEO (no poll() first).
+                    try:
+                        data = recv(RECV_BYTES)
+                        read = True
+                    except BlockingIOError:
+                        pass  # quiet for HOT_WAIT_S: wait in poll(), where a stop reaches us at once
+                    if state.stopping:
+                        self._finish_for_stop(decoder, telnet, data if read else None)
+                if not read:
+                    if not poll(wait * 1000 + 1):
+                        continue  # loop to re-check the deadlines
+                    if state.stopping:
+                        self._finish_for_stop(decoder, telnet)
+                    try:
+                        data = recv(RECV_BYTES)
+                    except BlockingIOError:
+                        continue
                 if not data:
                     if telnet is None or not telnet.interrupted:
                         self._answer(decoder.finish())
@@ -532,6 +562,12 @@ class EchoHandler(socketserver.BaseRequestHandler):
             if not view:
                 return
 
+    def _nonblocking(self) -> None:
+        """Leave the line loop's blocking reads: what follows waits in poll() only."""
+        if self._blocking:
+            self._blocking = False
+            self.request.setblocking(False)
+
     def _linger(self, deadline: float) -> None:
         """Send our FIN, then read and drop what the peer still sends, until it closes or *deadline*.
 
@@ -541,6 +577,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
         state = self.state
         sock = self.request
         try:
+            self._nonblocking()
             sock.shutdown(socket.SHUT_WR)
             if state.stopping:
                 deadline = min(deadline, state.stop_deadline)
@@ -557,19 +594,22 @@ class EchoHandler(socketserver.BaseRequestHandler):
         except OSError:
             return  # the peer is gone: nothing left to protect
 
-    def _finish_for_stop(self, decoder: LineDecoder, telnet: TelnetFilter | None) -> None:
-        """A stop began: answer the lines already here, send FIN, let the peer leave.
+    def _finish_for_stop(self, decoder: LineDecoder, telnet: TelnetFilter | None,
+                         data: bytes | None = None) -> None:
+        """A stop began: answer the lines already here (*data*: what was just read), send FIN, let the peer leave.
 
         The peer is waited for (discarding what it still sends) so that close()
         finds nothing unread; closing with unread input would send a reset.
         """
         sock = self.request
+        self._nonblocking()
         drained = 0
         while drained < DRAIN_BYTES:
-            try:
-                data = sock.recv(RECV_BYTES)
-            except BlockingIOError:
-                break
+            if data is None:
+                try:
+                    data = sock.recv(RECV_BYTES)
+                except BlockingIOError:
+                    break
             if not data:
                 break
             drained += len(data)
@@ -579,6 +619,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
             self._feed(decoder, data)
             if telnet is not None and telnet.interrupted:
                 break
+            data = None
         sock.shutdown(socket.SHUT_WR)
         self._read_poll.unregister(self.state.stop_fd)
         deadline = self.state.stop_deadline
