@@ -37,7 +37,7 @@ import time
 from typing import Any, Final
 
 from .protocol import (ERR_BUSY, ERR_TOO_MANY_FROM_IP, LineDecoder, LineTooLong, TelnetFilter, count_lines,
-                       err_line_too_long, format_replies)
+                       err_line_too_long, format_replies, prefix_lines, reply_prefix)
 from .access import normalize_address
 from .config import Config
 from .proxyproto import (V1_MAX_BYTES, V2_HEADER_BYTES, V2_MAX_LENGTH_BYTES, IPAddress, ProxyHeader,
@@ -417,6 +417,8 @@ class EchoHandler(socketserver.BaseRequestHandler):
         idle_s = line_s = 0.0
         max_line_bytes = 0
         debug = False
+        stamper, prefixer, clock = state.stamper, state.prefixer, state.clock
+        stamp = prefix = b""  # the last stamp, and the reply prefix made from it
         plain = True  # no unfinished line, and the telnet filter (if any) between commands
         # Plain TCP only: a TLS read may need several socket reads (ssl retries a blocking one
         # forever), and --stdio's pipes have no SO_RCVTIMEO.
@@ -433,6 +435,9 @@ class EchoHandler(socketserver.BaseRequestHandler):
                 idle_s, line_s = seen.idle_timeout_s, seen.line_timeout_s
                 decoder.max_line_bytes = max_line_bytes = seen.max_line_bytes
                 debug = logger.isEnabledFor(logging.DEBUG)  # a reload reconfigures logging first
+                # ServerState.apply replaces these before config: a new config means new ones.
+                stamper, prefixer, clock = state.stamper, state.prefixer, state.clock
+                stamp = b""
             now = monotonic()
             wait = last_read + idle_s - now
             why = "idle"
@@ -478,8 +483,13 @@ class EchoHandler(socketserver.BaseRequestHandler):
                 # The common case, answered without the decoder and the filter: whole lines,
                 # none over the limit (the read is not), no telnet command and no CR NUL in
                 # them; the filter stays as it was (between commands, no CR pending).
-                conn.lines += count_lines(data)
-                reply = format_replies(data, state.stamper(state.clock()), state.prefixer)
+                if (new_stamp := stamper(clock())) is not stamp:
+                    # A second-resolution stamper hands back the same bytes all second long.
+                    stamp = new_stamp
+                    prefix = reply_prefix(stamp, prefixer)
+                lines = data.count(b"\n")
+                reply = prefix + data if lines == 1 else prefix_lines(data, prefix)
+                conn.lines += lines
                 try:
                     sent = send(reply)
                 except BlockingIOError:

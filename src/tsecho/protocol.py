@@ -157,7 +157,19 @@ def format_replies(block: bytes, stamp: bytes, prefixer: Prefixer | None = None)
     """
     if not block:
         return b""
-    prefix = b"[" + stamp + b"] " if prefixer is None else prefixer(stamp)
+    return prefix_lines(block, reply_prefix(stamp, prefixer))
+
+
+def reply_prefix(stamp: bytes, prefixer: Prefixer | None = None) -> bytes:
+    """What goes before each reply line: ``[stamp] ``, or *prefixer*'s prefix."""
+    return b"[" + stamp + b"] " if prefixer is None else prefixer(stamp)
+
+
+def prefix_lines(block: bytes, prefix: bytes) -> bytes:
+    """Each line of *block* (complete lines, not empty) behind *prefix*.
+
+    For one line that is ``prefix + block``: the handler's fast path does that itself.
+    """
     return prefix + block[:-1].replace(b"\n", b"\n" + prefix) + b"\n"
 
 
