@@ -34,10 +34,10 @@ import socketserver
 import ssl
 import struct
 import time
-from typing import Any, Final
+from typing import Any, Callable, Final
 
-from .protocol import (ERR_BUSY, ERR_TOO_MANY_FROM_IP, LineDecoder, LineTooLong, TelnetFilter, count_lines,
-                       err_line_too_long, format_replies, prefix_lines, reply_prefix)
+from .protocol import (ERR_BUSY, ERR_TOO_MANY_FROM_IP, LineDecoder, LineTooLong, Prefixer, Stamper, TelnetFilter,
+                       count_lines, err_line_too_long, format_replies, prefix_lines, reply_prefix)
 from .access import normalize_address
 from .config import Config
 from .proxyproto import (V1_MAX_BYTES, V2_HEADER_BYTES, V2_MAX_LENGTH_BYTES, IPAddress, ProxyHeader,
@@ -413,11 +413,8 @@ class EchoHandler(socketserver.BaseRequestHandler):
         last_read = monotonic()
         line_started = 0.0  # when the first byte of the unfinished line arrived
         early, self._early = self._early, b""  # what came with a PROXY header: answered first
-        seen: Config | None = None  # the config the values below were taken from
-        idle_s = line_s = 0.0
-        max_line_bytes = 0
-        debug = False
-        stamper, prefixer, clock = state.stamper, state.prefixer, state.clock
+        seen = state.config  # the config the values below were taken from
+        idle_s, line_s, max_line_bytes, debug, stamper, prefixer, clock = self._settings(seen, decoder)
         stamp = prefix = b""  # the last stamp, and the reply prefix made from it
         plain = True  # no unfinished line, and the telnet filter (if any) between commands
         # Plain TCP only: a TLS read may need several socket reads (ssl retries a blocking one
@@ -430,14 +427,6 @@ class EchoHandler(socketserver.BaseRequestHandler):
             sock.setblocking(True)
         self._blocking = hot
         while True:
-            if state.config is not seen:  # a reload applies from the next read
-                seen = state.config
-                idle_s, line_s = seen.idle_timeout_s, seen.line_timeout_s
-                decoder.max_line_bytes = max_line_bytes = seen.max_line_bytes
-                debug = logger.isEnabledFor(logging.DEBUG)  # a reload reconfigures logging first
-                # ServerState.apply replaces these before config: a new config means new ones.
-                stamper, prefixer, clock = state.stamper, state.prefixer, state.clock
-                stamp = b""
             now = monotonic()
             wait = last_read + idle_s - now
             why = "idle"
@@ -476,6 +465,10 @@ class EchoHandler(socketserver.BaseRequestHandler):
                     raise _Closed("eof")
                 conn.bytes_in += len(data)
             last_read = monotonic()
+            if state.config is not seen:  # a reload applies from the first read after it
+                seen = state.config
+                idle_s, line_s, max_line_bytes, debug, stamper, prefixer, clock = self._settings(seen, decoder)
+                stamp = b""
             if debug:
                 logger.debug("%s sent %d bytes: %s", conn.peer, len(data), _escape(data))
             if (plain and data[-1] == 10 and len(data) <= max_line_bytes + 1
@@ -507,6 +500,19 @@ class EchoHandler(socketserver.BaseRequestHandler):
             if decoder.pending and (not had_pending or data.rfind(b"\n") >= 0):
                 line_started = last_read
             plain = not decoder.pending and (telnet is None or telnet.at_rest)
+
+    def _settings(self, config: Config, decoder: LineDecoder) -> tuple[float, float, int, bool, Stamper,
+                                                                     Prefixer | None, Callable[[], float]]:
+        """What the line loop takes from *config*, once per reload: its loop then reads locals only.
+
+        idle and line timeouts, the line limit (the decoder's too), whether debug logging
+        is on (a reload reconfigures logging before it swaps the config), and the stamper,
+        prefixer and clock (``ServerState.apply`` replaces them before ``config``).
+        """
+        state = self.state
+        decoder.max_line_bytes = config.max_line_bytes
+        return (config.idle_timeout_s, config.line_timeout_s, config.max_line_bytes,
+                logger.isEnabledFor(logging.DEBUG), state.stamper, state.prefixer, state.clock)
 
     def _feed(self, decoder: LineDecoder, data: bytes) -> None:
         """Answer every line *data* completes, in one send."""
