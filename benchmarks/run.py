@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/run.py --quick    # tiny durations (the smoke test)
     .venv/bin/python benchmarks/run.py --only pingpong64 --servers tsechod,uvloop
 
-It builds the C parts (loadgen, epoll_server) with the system gcc into
+It builds the C parts (loadgen, epoll_server, threads_server) with the system gcc into
 benchmarks/build/, starts each server fresh for every cell, pins servers to
 CPU 0 and the generator to CPU 1, interleaves servers (A B C A B C), repeats
 each cell, prints medians, spreads (min-max) and ratios to uvloop and to the C
@@ -47,6 +47,7 @@ ROOT: Final = BENCH_DIR.parent
 BUILD_DIR: Final = BENCH_DIR / "build"
 LOADGEN: Final = BUILD_DIR / "loadgen"
 EPOLL_SERVER: Final = BUILD_DIR / "epoll_server"
+THREADS_SERVER: Final = BUILD_DIR / "threads_server"
 RESULTS_MD: Final = BENCH_DIR / "RESULTS.md"
 PYTHON: Final = sys.executable
 TSECHOD: Final = ROOT / ".venv" / "bin" / "tsechod"
@@ -64,7 +65,9 @@ max_connections = 20000
 max_connections_per_ip = 20000
 """
 
-ALL_SERVERS: Final = ("tsechod", "tutorial", "asyncio", "uvloop", "c-epoll")
+# c-threads: tsechod's shape (a thread per connection, blocking calls) in C, pinned rows only:
+# what the shape costs, apart from what Python costs.
+ALL_SERVERS: Final = ("tsechod", "tutorial", "asyncio", "uvloop", "c-epoll", "c-threads")
 # Only when asked for (--servers): tsechod with its listener behind the PROXY protocol, the
 # generator sending a v1 or v2 header first on every connection (what the header costs).
 PROXY_SERVERS: Final = {"tsechod-proxy-v1": 1, "tsechod-proxy-v2": 2}
@@ -196,16 +199,16 @@ class BenchError(Exception):
 # ---------- building ----------
 
 def build() -> None:
-    """Compile loadgen and epoll_server with the system gcc into benchmarks/build/."""
+    """Compile loadgen and the C servers with the system gcc into benchmarks/build/."""
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
         raise BenchError("no C compiler: install gcc (apt-get install gcc)")
     BUILD_DIR.mkdir(exist_ok=True)
-    for name in ("loadgen", "epoll_server"):
+    for name in ("loadgen", "epoll_server", "threads_server"):
         src, out = BENCH_DIR / f"{name}.c", BUILD_DIR / name
         if out.exists() and out.stat().st_mtime >= src.stat().st_mtime:
             continue
-        cmd = [gcc, "-O2", "-Wall", "-o", str(out), str(src)]
+        cmd = [gcc, "-O2", "-Wall", *(["-pthread"] if name == "threads_server" else []), "-o", str(out), str(src)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise BenchError(f"building {name} failed:\n{proc.stderr}")
@@ -343,6 +346,8 @@ class Server:
             cmd = [PYTHON, str(BENCH_DIR / "asyncio_server.py"), "--uvloop"]
         elif self.name == "c-epoll":
             cmd = [str(EPOLL_SERVER)]
+        elif self.name == "c-threads":
+            cmd = [str(THREADS_SERVER)]
         else:
             raise BenchError(f"unknown server {self.name!r}")
         return (["taskset", "-c", "0"] + cmd) if self.pinned else cmd
@@ -737,6 +742,10 @@ def target_check(summary: dict[str, Any], cells: list[Cell], server: str = "tsec
     r = ratio(med("pingpong256", server, "p999_us"), med("pingpong256", "uvloop", "p999_us"))
     row("pingpong256 p99.9, pinned", "<= 3x uvloop's", r, r <= 3,
         f"tsechod {spread('pingpong256', server, 'p999_us')} us; uvloop {spread('pingpong256', 'uvloop', 'p999_us')} us")
+    # Not a target: the same ratio for the shape written in C, the floor a thread per connection allows.
+    r = ratio(med("pingpong256", "c-threads", "p999_us"), med("pingpong256", "uvloop", "p999_us"))
+    row("pingpong256 p99.9, pinned: c-threads (the shape in C)", "for reference", r, None,
+        f"c-threads {spread('pingpong256', 'c-threads', 'p999_us')} us")
     r = ratio(med("pipeline", server), med("pipeline", "uvloop"))
     row("pipeline, pinned", ">= 30x uvloop", r, r >= 30,
         f"tsechod {spread('pipeline', server, 'replies_per_s')}; uvloop {spread('pipeline', 'uvloop', 'replies_per_s')}")

@@ -22,7 +22,7 @@ import pytest
 
 from helpers import REPO, require_tool
 
-BASE_SERVERS = ("tsechod", "tutorial", "asyncio", "uvloop", "c-epoll")
+BASE_SERVERS = ("tsechod", "tutorial", "asyncio", "uvloop", "c-epoll", "c-threads")
 
 
 @pytest.mark.slow
@@ -42,7 +42,7 @@ def test_quick_benchmark_runs_every_server_with_zero_bad_replies(tmp_path) -> No
         assert f"### {workload} " in proc.stdout, report
     assert "| server |" in proc.stdout, report
     text = results.read_text()
-    assert "## Machine" in text and "### pingpong64 " in text and "| c-epoll |" in text
+    assert "## Machine" in text and "### pingpong64 " in text and "| c-epoll |" in text and "| c-threads |" in text
 
     summary_lines = [line for line in proc.stdout.splitlines() if line.startswith("SUMMARY ")]
     assert summary_lines, report
