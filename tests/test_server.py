@@ -9,7 +9,7 @@ import time
 
 from helpers import STAMP, fan_out, recv_all, recv_lines, recv_until, wait_until
 
-from tsecho.handler import HOT_WAIT_S
+from tsecho.handler import HOT_WAIT_S, SMALL_RECV_BYTES
 from tsecho.server import EchoServer
 
 
@@ -134,6 +134,19 @@ def test_stop_reaches_connections_it_just_answered_within_the_hot_wait(server_fa
     # Well under the 5 s the stop allows: the hot wait, plus scheduling on a busy machine.
     assert max(took) < HOT_WAIT_S + 1.0, took
     assert server.state.wait_closed(3.0) == 0
+
+
+def test_lines_around_the_small_read_size_are_answered_whole(server: EchoServer) -> None:
+    # The line loop reads SMALL_RECV_BYTES while reads are small, 64 KiB after a read that
+    # filled that: lines straddling the switch, one by one and in a burst, come back whole.
+    sizes = [1, SMALL_RECV_BYTES - 2, SMALL_RECV_BYTES - 1, SMALL_RECV_BYTES, SMALL_RECV_BYTES + 1, 3000, 5, 60000, 2]
+    lines = [(b"%d:" % size + b"x" * size)[:size] for size in sizes]
+    with socket.create_connection(server.server_address, timeout=5) as sock:
+        for line in lines:  # one at a time: each read is one line
+            sock.sendall(line + b"\n")
+            assert recv_lines(sock, 1) == [STAMP + b" " + line]
+        sock.sendall(b"".join(line + b"\n" for line in lines))  # all at once: reads cut lines anywhere
+        assert recv_lines(sock, len(lines)) == [STAMP + b" " + line for line in lines]
 
 
 def test_peer_reset_mid_line_leaves_the_server_serving(server: EchoServer) -> None:
