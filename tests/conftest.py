@@ -28,6 +28,13 @@ from tsecho.state import ServerState
 
 FIXED_NOW = 1473978552.123456  # Thu Sep 15 22:29:12 2016 UTC: helpers.STAMP
 
+# A shell without job control starts a background command (`make test &`) with SIGINT ignored,
+# and every process the suite starts would inherit that: the Ctrl-C tests' clients would never
+# see their Ctrl-C. A handled signal is reset to the default across exec, so this gives the
+# children theirs back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 @dataclass
 class Daemon:
