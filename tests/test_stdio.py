@@ -139,6 +139,40 @@ def test_no_log_line_reaches_the_peer_when_stderr_is_the_connection(config: Path
     assert proc.stderr == b""
 
 
+def test_a_stuck_log_sink_holds_neither_the_replies_nor_the_exit(config: Path) -> None:
+    """stderr a full pipe nobody reads (a stuck journal): lines still answered, FIN, exit."""
+    config.write_text('[log]\nlog_level = "debug"\n')  # a log line for every read
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    try:
+        while True:
+            os.write(write_end, b"x" * 65536)
+    except BlockingIOError:
+        pass  # full
+    os.set_blocking(write_end, True)
+    ours, theirs = socket.socketpair()
+    with theirs:
+        proc = subprocess.Popen([*TSECHOD, "--config", str(config)], stdin=theirs, stdout=theirs,
+                                stderr=write_end, env=daemon_env())
+    os.close(write_end)
+    try:
+        ours.settimeout(5)
+        for n in range(20):
+            ours.sendall(b"line %d\n" % n)
+            assert CTIME_REPLY.sub(b"", recv_lines(ours, 1)[0]) == b"line %d" % n
+        ours.shutdown(socket.SHUT_WR)
+        assert read_to_end(ours) == (b"", "fin")
+        started = time.monotonic()
+        assert proc.wait(timeout=10) == 0
+        assert time.monotonic() - started < 3  # the exit waits 0.5 s at most for the stuck log
+    finally:
+        ours.close()
+        os.close(read_end)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 # -- superservers -------------------------------------------------------------------------
 
 
@@ -194,6 +228,8 @@ def test_socat_exec_serves_one_connection(config: Path, tmp_path: Path) -> None:
         assert CTIME_REPLY.match(data) and data.endswith(b"] via socat\n") and how == "fin"
         assert proc.wait(timeout=10) == 0  # socat (without fork) ends with its one connection
         # socat passes a socket pair, not the TCP socket: the peer comes from SOCAT_PEERADDR/PORT.
+        # socat is gone once the connection is; tsechod's log writer may still be at it.
+        wait_until(lambda: log.exists() and access_events(log.read_text()))
         assert [(e[0], e[1]) for e in access_events(log.read_text())] == [(me, "eof")]
     finally:
         if proc.poll() is None:

@@ -302,6 +302,7 @@ def run_stdio(explicit: str | None, environ: Mapping[str, str], overrides: Overr
         configure_logging(config, environ)
     except OSError as err:
         raise OSError(f"cannot open log file {config.log_file}: {err.strerror or err}") from err
+    start_log_writer()  # as the daemon: a stuck log sink must not hold the connection or its exit
     return serve_stdio(config, stdio)
 
 

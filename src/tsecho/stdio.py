@@ -140,9 +140,12 @@ def serve_stdio(config: Config, stdio: Stdio) -> int:
     connection is short, and the next one reads the config afresh.
     """
     state = ServerState(config)
+    served = False  # the connection is over: a stop signal now has nothing to stop
 
     def stop(signum: int, _frame: object) -> None:
-        if not state.stopping:
+        # socat and others send SIGTERM once our end closed, while we write the access
+        # event and exit: by then the stop pipe may be closed under this handler.
+        if not served and not state.stopping:
             state.begin_stop(config.shutdown_timeout_s)
 
     for signum in STDIO_SIGNALS:
@@ -158,6 +161,7 @@ def serve_stdio(config: Config, stdio: Stdio) -> int:
     except Exception:
         logger.exception("%s internal error; connection closed", conn.peer)
     finally:
+        served = True
         stdio.stream.close()  # the peer has its end of file before the access event is written
         log_access(conn)
         state.close()
