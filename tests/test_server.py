@@ -7,6 +7,8 @@ import struct
 import threading
 import time
 
+import pytest
+
 from helpers import STAMP, fan_out, recv_all, recv_lines, recv_until, wait_until
 
 from tsecho.handler import HOT_WAIT_S, SMALL_RECV_BYTES
@@ -110,6 +112,28 @@ def test_stop_answers_lines_already_received(server_factory) -> None:
         server.state.begin_stop(2.0)
         data = recv_all(sock)
     assert data == STAMP + b" queued 1\n" + STAMP + b" queued 2\n"
+
+
+@pytest.mark.parametrize("partial", [b"", b"half a line"], ids=["idle", "slow"])
+def test_timeouts_after_a_line_are_not_late_by_the_hot_wait(server_factory, partial: bytes) -> None:
+    # After a reply the handler waits HOT_WAIT_S in a blocking recv() before poll(): that
+    # poll must wait only what is left until the deadline, not the whole timeout again.
+    server = server_factory(idle_timeout_s=0.3, line_timeout_s=0.3)
+    socks = [socket.create_connection(server.server_address, timeout=5) for _ in range(3)]
+    late = []
+    try:
+        for sock in socks:  # three at once: the quickest shows the code's delay, not the load's
+            sock.sendall(b"line\n" + partial)
+        for sock in socks:
+            assert recv_lines(sock, 1) == [STAMP + b" line"]
+        answered = time.monotonic()
+        for sock in socks:
+            assert recv_all(sock) == b""
+            late.append(time.monotonic() - answered - 0.3)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert min(late) < HOT_WAIT_S * 0.8, late
 
 
 def test_stop_reaches_connections_it_just_answered_within_the_hot_wait(server_factory) -> None:

@@ -452,11 +452,13 @@ class EchoHandler(socketserver.BaseRequestHandler):
                         data = recv(recv_bytes)
                         read = True
                     except BlockingIOError:
-                        pass  # quiet for HOT_WAIT_S: wait in poll(), where a stop reaches us at once
+                        # Quiet for HOT_WAIT_S: wait in poll(), where a stop reaches us at once,
+                        # for what is left until the deadline (not the whole wait again).
+                        wait -= monotonic() - now
                     if state.stopping:
                         self._finish_for_stop(decoder, telnet, data if read else None)
                 if not read:
-                    if not poll(wait * 1000 + 1):
+                    if not poll(max(wait, 0.0) * 1000 + 1):  # (a negative timeout would wait forever)
                         continue  # loop to re-check the deadlines
                     if state.stopping:
                         self._finish_for_stop(decoder, telnet)
