@@ -225,7 +225,6 @@ class EchoHandler(socketserver.BaseRequestHandler):
         self._read_poll.register(self.request, _POLLIN)
         self._read_poll.register(self.state.stop_fd, select.POLLIN)
         self._write_poll: select.poll | None = None  # made when a reply first has to wait
-        self._blocking = False  # True while the line loop reads with blocking recv() (see _serve)
 
     def handle(self) -> None:
         try:
@@ -430,7 +429,6 @@ class EchoHandler(socketserver.BaseRequestHandler):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _HOT_WAIT_TIMEVAL)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _HOT_WAIT_TIMEVAL)
             sock.setblocking(True)
-        self._blocking = hot
         while True:
             now = monotonic()
             wait = last_read + idle_s - now
@@ -488,7 +486,7 @@ class EchoHandler(socketserver.BaseRequestHandler):
                     # A second-resolution stamper hands back the same bytes all second long.
                     stamp = new_stamp
                     prefix = reply_prefix(stamp, prefixer)
-                lines = data.count(b"\n")
+                lines = count_lines(data)
                 reply = prefix + data if lines == 1 else prefix_lines(data, prefix)
                 conn.lines += lines
                 try:
@@ -588,9 +586,9 @@ class EchoHandler(socketserver.BaseRequestHandler):
 
     def _nonblocking(self) -> None:
         """Leave the line loop's blocking reads: what follows waits in poll() only."""
-        if self._blocking:
-            self._blocking = False
-            self.request.setblocking(False)
+        sock = self.request
+        if isinstance(sock, socket.socket) and sock.getblocking():  # no system call: Python knows
+            sock.setblocking(False)
 
     def _linger(self, deadline: float) -> None:
         """Send our FIN, then read and drop what the peer still sends, until it closes or *deadline*.
